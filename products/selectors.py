@@ -1,0 +1,160 @@
+"""Balance selector: every card's numbers for a team in a constant number of queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from django.db.models import OuterRef, Subquery
+from django.utils import timezone
+
+from teams.models import Team
+
+from .models import Grant, Lot, Product, Refresh, TeamProduct
+from .periods import local_days_until, period_bounds, period_count, period_index_at, period_start
+
+
+@dataclass
+class Balance:
+    product: Product
+    available: int
+    total: int
+    purchased: int
+    checked_out: int
+    ends_at: datetime | None
+    ends_in_days: int | None
+    refreshes_at: datetime | None
+    refreshes_in_days: int | None
+    runs_out_in_days: int | None = None
+
+    @property
+    def used(self) -> int:
+        return self.total - self.available
+
+    @property
+    def used_pct(self) -> Decimal:
+        """Percentage used, one decimal, rounded half up (integer arithmetic: no float)."""
+        if self.total == 0:
+            return Decimal("0.0")
+        tenths = (self.used * 1000 * 2 + self.total) // (2 * self.total)
+        return (Decimal(tenths) / 10).quantize(Decimal("0.1"))
+
+    @property
+    def available_pct(self) -> Decimal:
+        return Decimal("100.0") - self.used_pct if self.total else Decimal("0.0")
+
+    @property
+    def status(self) -> str:
+        """ok: available/total > 20%; low: <= 20%; empty: nothing available (or no capacity)."""
+        if self.total == 0 or self.available == 0:
+            return "empty"
+        # Exact rational compare: available/total > 1/5  <=>  5 * available > total.
+        return "ok" if 5 * self.available > self.total else "low"
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.total > 0
+
+    @property
+    def ends_label(self) -> str:
+        return days_label(self.ends_in_days, "Ends")
+
+    @property
+    def refreshes_label(self) -> str:
+        if self.refreshes_in_days is None:
+            return ""
+        return days_label(self.refreshes_in_days, "Refreshes")
+
+
+def days_label(days: int | None, verb: str) -> str:
+    if days is None:
+        return ""
+    if days < 0:
+        return "Expired"
+    if days == 0:
+        return f"{verb} today"
+    if days == 1:
+        return f"{verb} in 1 day"
+    return f"{verb} in {days} days"
+
+
+def team_balances(team: Team, *, now: datetime | None = None, product: Product | None = None) -> list[Balance]:
+    """Balances of every product the team has ever been granted, at ``now``.
+
+    Three queries whatever the number of products. Correct at read time: a monthly
+    period whose lot is not created yet counts as full (the lot appears on first use
+    or with the refresh task), and lots past their end count for nothing.
+    """
+    now = now or timezone.now()
+    tz = team.tzinfo
+    last_end = (
+        Grant.objects.filter(team=team, product=OuterRef("product"), revoked_at__isnull=True)
+        .order_by("-ends_at")
+        .values("ends_at")[:1]
+    )
+    holdings = (
+        TeamProduct.objects.for_team(team)
+        .select_related("product")
+        .annotate(last_end=Subquery(last_end))
+        .order_by("product__name", "product_id")
+    )
+    grants_qs = Grant.objects.for_team(team).unrevoked().filter(ends_at__gt=now)
+    lots_qs = Lot.objects.for_team(team).filter(period_start__lte=now, expires_at__gt=now, closed_at__isnull=True)
+    if product is not None:
+        holdings = holdings.filter(product=product)
+        grants_qs = grants_qs.filter(product=product)
+        lots_qs = lots_qs.filter(product=product)
+    holdings = list(holdings)
+    grants = list(grants_qs)
+    lots = {(lot.grant_id, lot.period_start): lot for lot in lots_qs}
+
+    by_product: dict[int, dict] = {
+        h.product_id: {"available": 0, "total": 0, "purchased": 0, "ends_at": None, "refreshes_at": None}
+        for h in holdings
+    }
+    for grant in grants:
+        acc = by_product.get(grant.product_id)
+        if acc is None:
+            continue
+        monthly = grant.refresh == Refresh.MONTHLY
+        acc["purchased"] += grant.quantity * (period_count(grant.starts_at, grant.ends_at, tz) if monthly else 1)
+        if grant.starts_at > now:
+            continue
+        if monthly:
+            k = period_index_at(grant.starts_at, tz, now)
+            start, _ = period_bounds(grant.starts_at, grant.ends_at, tz, k)
+            nxt = period_start(grant.starts_at, tz, k + 1)
+            if nxt < grant.ends_at and (acc["refreshes_at"] is None or nxt < acc["refreshes_at"]):
+                acc["refreshes_at"] = nxt
+        else:
+            start = grant.starts_at
+        lot = lots.get((grant.pk, start))
+        acc["total"] += grant.quantity
+        acc["available"] += lot.remaining if lot is not None else grant.quantity
+        if acc["ends_at"] is None or grant.ends_at > acc["ends_at"]:
+            acc["ends_at"] = grant.ends_at
+
+    result = []
+    for h in holdings:
+        acc = by_product[h.product_id]
+        # With no active grant, show when the last one ended ("Expired").
+        ends_at = acc["ends_at"] or (h.last_end if h.last_end and h.last_end <= now else None)
+        refreshes_at = acc["refreshes_at"]
+        result.append(Balance(
+            product=h.product,
+            available=acc["available"],
+            total=acc["total"],
+            purchased=acc["purchased"],
+            checked_out=h.checked_out,
+            ends_at=ends_at,
+            ends_in_days=local_days_until(ends_at, now, tz) if ends_at else None,
+            refreshes_at=refreshes_at,
+            refreshes_in_days=local_days_until(refreshes_at, now, tz) if refreshes_at else None,
+        ))
+    return result
+
+
+def product_balance(team: Team, product: Product, *, now: datetime | None = None) -> Balance | None:
+    balances = team_balances(team, now=now, product=product)
+    return balances[0] if balances else None

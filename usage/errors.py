@@ -1,0 +1,46 @@
+"""Domain errors of the ledger services. Each maps to one API error code."""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    code = "invalid_request"
+    status_code = 422
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def as_dict(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class InvalidRequest(UsageError):
+    code = "invalid_request"
+    status_code = 422
+
+
+class NotFound(UsageError):
+    code = "not_found"
+    status_code = 404
+
+
+class InsufficientBalance(UsageError):
+    code = "insufficient_balance"
+    status_code = 409
+
+
+class IdempotencyConflict(UsageError):
+    code = "idempotency_conflict"
+    status_code = 409
+
+
+class CheckoutExceeded(UsageError):
+    code = "checkout_exceeded"
+    status_code = 409
+
+
+class CheckoutExists(UsageError):
+    code = "checkout_exists"
+    status_code = 409

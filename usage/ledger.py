@@ -1,0 +1,227 @@
+"""Ledger primitives shared by the services: locking, lots, expiry, rollups.
+
+Everything here runs inside the caller's transaction, after the caller has
+locked the (team, product) row with :func:`lock_team_product`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.db.models.functions import Greatest
+
+from products.models import SOURCE_PRIORITY, Grant, Lot, Product, Refresh, TeamProduct
+from products.periods import local_date, period_bounds, period_index_at
+from teams.models import Team
+
+from .actors import Actor
+from .models import DailyBreakdown, DailyRollup, Event, Kind, LedgerEntry
+
+
+def lock_team_product(team: Team, product: Product) -> TeamProduct:
+    """Create if needed, then lock, the row that serialises writes to one balance."""
+    assert transaction.get_connection().in_atomic_block, "lock_team_product needs a transaction"
+    try:
+        return TeamProduct.objects.select_for_update().get(team=team, product=product)
+    except TeamProduct.DoesNotExist:
+        pass
+    try:
+        with transaction.atomic():  # savepoint: a concurrent creator may win the race
+            TeamProduct.objects.create(team=team, product=product)
+    except IntegrityError:
+        pass
+    return TeamProduct.objects.select_for_update().get(team=team, product=product)
+
+
+def expire_lots(tp: TeamProduct, *, now: datetime, actor: Actor) -> list[LedgerEntry]:
+    """Write ``expire`` rows for lots of this balance that ended and still hold capacity."""
+    stale = list(
+        Lot.objects.filter(team_id=tp.team_id, product_id=tp.product_id, closed_at__isnull=True, expires_at__lte=now)
+        .select_for_update()
+        .order_by("id")
+    )
+    entries = []
+    for lot in stale:
+        entries.extend(close_lot(lot, kind=Kind.EXPIRE, at=lot.expires_at, now=now, actor=actor))
+    return entries
+
+
+def close_lot(lot: Lot, *, kind: str, at: datetime, now: datetime, actor: Actor, note: str = "") -> list[LedgerEntry]:
+    """Zero a lot's remaining with one ledger row (expiry or revocation). Idempotent."""
+    # Claim: only the first closer sees closed_at IS NULL; a rerun changes nothing.
+    claimed = Lot.objects.filter(pk=lot.pk, closed_at__isnull=True).update(closed_at=now, remaining=0)
+    if not claimed:
+        return []
+    if lot.remaining == 0:
+        return []
+    entry = LedgerEntry.objects.create(
+        team_id=lot.team_id, product_id=lot.product_id, lot=lot, grant_id=lot.grant_id,
+        kind=kind, delta=-lot.remaining, amount=lot.remaining, occurred_at=at, note=note,
+        **actor.entry_fields(),
+    )
+    lot.remaining = 0
+    lot.closed_at = now
+    return [entry]
+
+
+def ensure_current_lots(tp: TeamProduct, team: Team, *, now: datetime, actor: Actor) -> None:
+    """Create the lot of the current period for every active monthly grant (lazily).
+
+    Period 0 lots are created with the grant; later periods appear here, or in the
+    monthly refresh task, with a ``refresh`` row. The unique (grant, period_start)
+    constraint makes a concurrent creation a no-op.
+    """
+    grants = list(
+        Grant.objects.filter(team_id=tp.team_id, product_id=tp.product_id, refresh=Refresh.MONTHLY)
+        .active_at(now)
+    )
+    if not grants:
+        return
+    tz = team.tzinfo
+    wanted = {}
+    for grant in grants:
+        k = period_index_at(grant.starts_at, tz, now)
+        start, end = period_bounds(grant.starts_at, grant.ends_at, tz, k)
+        wanted[(grant.pk, start)] = (grant, k, start, end)
+    existing = set(
+        Lot.objects.filter(grant_id__in=[g.pk for g in grants], period_start__in=[w[2] for w in wanted.values()])
+        .values_list("grant_id", "period_start")
+    )
+    for key, (grant, k, start, end) in wanted.items():
+        if key not in existing:
+            create_lot(grant, k=k, start=start, end=end, kind=Kind.REFRESH if k else Kind.GRANT, actor=actor)
+
+
+def create_lot(grant: Grant, *, k: int, start: datetime, end: datetime, kind: str, actor: Actor,
+               event: Event | None = None) -> Lot | None:
+    """Create one period's lot and its creation row; None if it already exists."""
+    try:
+        with transaction.atomic():
+            lot = Lot.objects.create(
+                grant=grant, team_id=grant.team_id, product_id=grant.product_id, period_index=k,
+                period_start=start, expires_at=end, priority=SOURCE_PRIORITY[grant.source],
+                quantity=grant.quantity, remaining=grant.quantity,
+            )
+    except IntegrityError:
+        return None
+    LedgerEntry.objects.create(
+        team_id=grant.team_id, product_id=grant.product_id, grant=grant, lot=None, kind=kind,
+        delta=grant.quantity, amount=grant.quantity, occurred_at=start, event=event,
+        note=f"period {k + 1}" if grant.refresh == Refresh.MONTHLY else "",
+        **actor.entry_fields(),
+    )
+    return lot
+
+
+def active_lots_for_update(tp: TeamProduct, *, now: datetime) -> list[Lot]:
+    """The lots that can pay now, locked, in consumption order."""
+    return list(
+        Lot.objects.filter(team_id=tp.team_id, product_id=tp.product_id)
+        .active_at(now)
+        .filter(closed_at__isnull=True)
+        .select_for_update()
+        .in_consumption_order()
+    )
+
+
+def prepare_balance(team: Team, product: Product, *, now: datetime, actor: Actor) -> tuple[TeamProduct, list[Lot]]:
+    """Lock a balance, write due expiries and refreshes, return its payable lots."""
+    tp = lock_team_product(team, product)
+    expire_lots(tp, now=now, actor=actor)
+    ensure_current_lots(tp, team, now=now, actor=actor)
+    return tp, active_lots_for_update(tp, now=now)
+
+
+def plan_draw(lots: Iterable[Lot], quantity: int) -> list[tuple[Lot, int]]:
+    """Split ``quantity`` over lots already in consumption order."""
+    plan = []
+    left = quantity
+    for lot in lots:
+        if left == 0:
+            break
+        take = min(lot.remaining, left)
+        if take > 0:
+            plan.append((lot, take))
+            left -= take
+    if left:
+        raise ValueError("plan_draw called with more than is available")
+    return plan
+
+
+def apply_lot_delta(lot: Lot, delta: int) -> None:
+    """Move a lot's remaining by ``delta``; the WHERE refuses to cross 0 or quantity."""
+    if delta == 0:
+        return
+    if delta < 0:
+        changed = Lot.objects.filter(pk=lot.pk, remaining__gte=-delta).update(remaining=F("remaining") + delta)
+    else:
+        changed = Lot.objects.filter(pk=lot.pk, remaining__lte=F("quantity") - delta).update(
+            remaining=F("remaining") + delta
+        )
+    if changed != 1:
+        raise RuntimeError(f"lot {lot.pk} could not move by {delta}: concurrent change without lock")
+    lot.remaining += delta
+
+
+def totals(lots: Iterable[Lot]) -> tuple[int, int]:
+    lots = list(lots)
+    return sum(lot.remaining for lot in lots), sum(lot.quantity for lot in lots)
+
+
+# -- rollups -------------------------------------------------------------------------
+
+ROLLUP_FIELDS = ("consumed", "refunded", "checked_out", "returned", "raw_usage")
+
+
+def rollup_add(team: Team, product_id: int, *, at: datetime, service: str = "", user: str = "",
+               level: int | None = None, **amounts: int) -> None:
+    """Add amounts to the day's rollup and breakdown rows (same transaction as the write)."""
+    amounts = {k: v for k, v in amounts.items() if v}
+    if not amounts and level is None:
+        return
+    day = local_date(at, team.tzinfo)
+    _upsert(
+        DailyRollup, dict(team_id=team.pk, product_id=product_id, day=day), amounts, level=level
+    )
+    if amounts:
+        _upsert(
+            DailyBreakdown,
+            dict(team_id=team.pk, product_id=product_id, day=day, service=service or "", user=user or ""),
+            amounts,
+        )
+
+
+def _upsert(model, key: dict, amounts: dict, *, level: int | None = None) -> None:
+    updates = {name: F(name) + value for name, value in amounts.items()}
+    if level is not None:
+        updates["peak_checked_out"] = Greatest(F("peak_checked_out"), level)
+        updates["closing_checked_out"] = level
+    if model.objects.filter(**key).update(**updates):
+        return
+    initial = dict(amounts)
+    if level is not None:
+        initial["peak_checked_out"] = level
+        initial["closing_checked_out"] = level
+    try:
+        with transaction.atomic():
+            model.objects.create(**key, **initial)
+    except IntegrityError:  # created meanwhile by a writer of another balance's day
+        model.objects.filter(**key).update(**updates)
+
+
+def member_for(team: Team, identifier: str):
+    """The team member whose email or username is the usage identifier, if any."""
+    if not identifier:
+        return None
+    from django.contrib.auth import get_user_model
+
+    User = get_user_model()
+    return (
+        User.objects.filter(memberships__team=team)
+        .filter(Q(email__iexact=identifier) | Q(username=identifier))
+        .order_by("pk")
+        .first()
+    )
