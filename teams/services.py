@@ -1,6 +1,10 @@
 from __future__ import annotations
 
-from .models import ApiKey, Team
+from datetime import datetime
+
+from django.utils import timezone
+
+from .models import ApiKey, Membership, Team
 
 
 def api_key_create(*, team: Team, name: str = "default", created_by=None) -> tuple[ApiKey, str]:
@@ -9,3 +13,11 @@ def api_key_create(*, team: Team, name: str = "default", created_by=None) -> tup
     raw = key.set_new_secret()
     key.save()
     return key, raw
+
+
+def membership_mark_seen(*, membership: Membership, now: datetime | None = None) -> None:
+    """Remember when the member last opened a team page (``/`` returns them there)."""
+    now = now or timezone.now()
+    # A single UPDATE of one column: concurrent page loads cannot clobber other fields.
+    Membership.objects.filter(pk=membership.pk).update(last_seen_at=now)
+    membership.last_seen_at = now
