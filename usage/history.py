@@ -1,0 +1,272 @@
+"""Usage history selectors: series, breakdowns and ranges, served from the daily rollups.
+
+Everything here reads ``DailyRollup`` / ``DailyBreakdown`` only (the write path keeps
+them exact in its own transaction), so a year of daily history is one or two
+queries and never scans the ledger. Days are local days in the team's time zone.
+"""
+
+from __future__ import annotations
+
+import calendar
+from dataclasses import asdict, dataclass
+from datetime import date, timedelta
+
+from django.db.models import Sum
+from django.utils import timezone
+
+from products.models import Product
+from teams.models import Team
+
+from .errors import InvalidRequest
+from .models import DailyBreakdown, DailyRollup
+
+GRANULARITIES = ("day", "week", "month")
+BREAKDOWNS = ("service", "user")
+RANGE_KEYS = ("month", "3m", "6m", "12m", "custom")
+MAX_SPAN_YEARS = 3
+# A series never has more than about three years of days (the custom range limit).
+MAX_SERIES_DAYS = 3 * 366 + 31
+
+AMOUNT_FIELDS = ("consumed", "refunded", "checked_out", "returned", "raw_usage")
+
+
+class InvalidRange(InvalidRequest):
+    """A range or granularity the history cannot serve (shown to the user, 422 in the API)."""
+
+
+@dataclass
+class Bucket:
+    """One day, ISO week (``start`` is its Monday) or month (``start`` is the 1st).
+
+    Amounts count only days inside the requested range (the first and last
+    buckets may be partial). ``peak_checked_out`` is the highest checked-out level
+    held during the bucket; a user-filtered series has no intraday levels per user,
+    so there it is the user's highest end-of-day holding.
+    """
+
+    start: date
+    consumed: int = 0
+    refunded: int = 0
+    checked_out: int = 0
+    returned: int = 0
+    raw_usage: int = 0
+    peak_checked_out: int = 0
+
+    @property
+    def net_consumed(self) -> int:
+        return self.consumed - self.refunded
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BreakdownRow:
+    key: str
+    consumed: int = 0
+    refunded: int = 0
+    checked_out: int = 0
+    returned: int = 0
+    raw_usage: int = 0
+
+    @property
+    def net_consumed(self) -> int:
+        return self.consumed - self.refunded
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- buckets -----------------------------------------------------------------------------
+
+
+def bucket_start(day: date, granularity: str) -> date:
+    if granularity == "day":
+        return day
+    if granularity == "week":
+        return day - timedelta(days=day.weekday())  # ISO week: Monday
+    if granularity == "month":
+        return day.replace(day=1)
+    raise InvalidRange(f"granularity must be one of {', '.join(GRANULARITIES)}.")
+
+
+def next_bucket(start: date, granularity: str) -> date:
+    if granularity == "day":
+        return start + timedelta(days=1)
+    if granularity == "week":
+        return start + timedelta(days=7)
+    return _add_months(start, 1)
+
+
+def bucket_starts(start: date, end: date, granularity: str) -> list[date]:
+    """Every bucket touching [start, end], in order."""
+    current = bucket_start(start, granularity)
+    out = []
+    while current <= end:
+        out.append(current)
+        current = next_bucket(current, granularity)
+    return out
+
+
+def _add_months(day: date, months: int) -> date:
+    index = day.year * 12 + day.month - 1 + months
+    year, month = divmod(index, 12)
+    month += 1
+    return date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
+
+
+def _check_span(start: date, end: date) -> None:
+    if not isinstance(start, date) or not isinstance(end, date):
+        raise InvalidRange("from and to must be dates (YYYY-MM-DD).")
+    if start > end:
+        raise InvalidRange("The start date must be on or before the end date.")
+    if (end - start).days + 1 > MAX_SERIES_DAYS:
+        raise InvalidRange(f"A range can span at most {MAX_SPAN_YEARS} years.")
+
+
+# -- series ------------------------------------------------------------------------------
+
+
+def usage_series(*, team: Team, product: Product, start: date, end: date, granularity: str,
+                 user: str | None = None) -> list[Bucket]:
+    """Usage per bucket over [start, end] (inclusive local dates), every bucket zero-filled.
+
+    One query for an exhaustible product; returnable products take one more to carry
+    the checked-out level in from before the range.
+    """
+    _check_span(start, end)
+    bucket_start(start, granularity)  # validates the granularity
+    track_level = product.is_returnable
+    if user is None:
+        rows = list(
+            DailyRollup.objects.for_team(team)
+            .filter(product=product, day__range=(start, end))
+            .order_by("day")
+            .values("day", *AMOUNT_FIELDS, "peak_checked_out", "closing_checked_out")
+        )
+        opening = 0
+        if track_level:
+            opening = (
+                DailyRollup.objects.for_team(team)
+                .filter(product=product, day__lt=start)
+                .order_by("-day")
+                .values_list("closing_checked_out", flat=True)
+                .first()
+            ) or 0
+    else:
+        rows = list(
+            DailyBreakdown.objects.for_team(team)
+            .filter(product=product, user=user, day__range=(start, end))
+            .values("day")
+            .annotate(**{name: Sum(name) for name in AMOUNT_FIELDS})
+            .order_by("day")
+        )
+        opening = 0
+        if track_level:
+            before = (
+                DailyBreakdown.objects.for_team(team)
+                .filter(product=product, user=user, day__lt=start)
+                .aggregate(out=Sum("checked_out"), back=Sum("returned"))
+            )
+            opening = (before["out"] or 0) - (before["back"] or 0)
+        level = opening
+        for row in rows:  # the user's holding at the end of each day
+            level += row["checked_out"] - row["returned"]
+            row["closing_checked_out"] = level
+            row["peak_checked_out"] = level
+
+    buckets = {s: Bucket(start=s) for s in bucket_starts(start, end, granularity)}
+    by_day = {row["day"]: row for row in rows}
+    closing = opening
+    day = start
+    while day <= end:  # a Python walk over at most ~1100 days: no query per day
+        bucket = buckets[bucket_start(day, granularity)]
+        row = by_day.get(day)
+        if row is None:
+            peak = closing  # nothing happened: yesterday's level held all day
+        else:
+            for name in AMOUNT_FIELDS:
+                setattr(bucket, name, getattr(bucket, name) + (row[name] or 0))
+            if user is None:
+                # The day opened at yesterday's closing level, which the rollup's peak
+                # (the highest level after a write) does not include.
+                peak = max(row["peak_checked_out"] or 0, closing)
+            else:
+                peak = row["peak_checked_out"]
+            closing = row["closing_checked_out"] or 0
+        if track_level:
+            bucket.peak_checked_out = max(bucket.peak_checked_out, peak)
+        day += timedelta(days=1)
+    return list(buckets.values())
+
+
+# -- breakdowns --------------------------------------------------------------------------
+
+
+def usage_breakdown(*, team: Team, product: Product, start: date, end: date, by: str,
+                    user: str | None = None) -> list[BreakdownRow]:
+    """Totals per service or per user over [start, end], most consumed first (one query)."""
+    _check_span(start, end)
+    if by not in BREAKDOWNS:
+        raise InvalidRange(f"by must be one of {', '.join(BREAKDOWNS)}.")
+    qs = DailyBreakdown.objects.for_team(team).filter(product=product, day__range=(start, end))
+    if user is not None:
+        qs = qs.filter(user=user)
+    rows = (
+        qs.values(by)
+        .annotate(**{name: Sum(name) for name in AMOUNT_FIELDS})
+        .order_by("-consumed", "-checked_out", "-raw_usage", by)
+    )
+    return [BreakdownRow(key=row[by], **{name: row[name] or 0 for name in AMOUNT_FIELDS}) for row in rows]
+
+
+# -- ranges ------------------------------------------------------------------------------
+
+RANGE_LABELS = {
+    "month": "This month",
+    "3m": "Last 3 months",
+    "6m": "Last 6 months",
+    "12m": "Last 12 months",
+    "custom": "Custom range",
+}
+
+
+def team_today(team: Team) -> date:
+    return timezone.now().astimezone(team.tzinfo).date()
+
+
+def resolve_range(*, team: Team, range_key: str, start: date | None, end: date | None,
+                  today: date | None = None) -> tuple[date, date, str]:
+    """(start, end, label) of a named range, in the team's local dates.
+
+    "month" is this calendar month so far; "3m"/"6m"/"12m" are the last N calendar
+    months including this one (from the 1st, N-1 months back, to today); "custom"
+    takes from/to, which must be ordered, not after today and at most 3 years apart.
+    Raises :class:`InvalidRange` with a message for the user.
+    """
+    today = today or team_today(team)
+    if range_key == "custom":
+        if start is None or end is None:
+            raise InvalidRange("A custom range needs both a from and a to date.")
+        if start > end:
+            raise InvalidRange("The from date must be on or before the to date.")
+        if end > today:
+            raise InvalidRange(f"The to date cannot be after today ({today.isoformat()}).")
+        if start < _years_back(end, MAX_SPAN_YEARS):
+            raise InvalidRange(f"A custom range can span at most {MAX_SPAN_YEARS} years.")
+        return start, end, f"{start.isoformat()} to {end.isoformat()}"
+    if range_key == "month":
+        first = today.replace(day=1)
+    elif range_key in ("3m", "6m", "12m"):
+        months = int(range_key[:-1])
+        first = _add_months(today.replace(day=1), -(months - 1))
+    else:
+        raise InvalidRange(f"range must be one of {', '.join(RANGE_KEYS)}.")
+    return first, today, f"{RANGE_LABELS[range_key]} ({first.isoformat()} to {today.isoformat()})"
+
+
+def _years_back(day: date, years: int) -> date:
+    try:
+        return day.replace(year=day.year - years)
+    except ValueError:  # Feb 29 -> Feb 28
+        return day.replace(year=day.year - years, day=28)
