@@ -6,13 +6,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from django.db.models import OuterRef, Subquery
+from django.db.models import F, OuterRef, Subquery, Sum
 from django.utils import timezone
 
 from teams.models import Team
+from usage.forecast import forecast_window, runs_out_in_days
+from usage.models import DailyRollup
 
 from .models import Grant, Lot, Product, Refresh, TeamProduct
-from .periods import local_days_until, period_bounds, period_count, period_index_at, period_start
+from .periods import (
+    local_date,
+    local_days_until,
+    period_bounds,
+    period_count,
+    period_index_at,
+    period_start,
+)
 
 
 @dataclass
@@ -82,7 +91,8 @@ def days_label(days: int | None, verb: str) -> str:
 def team_balances(team: Team, *, now: datetime | None = None, product: Product | None = None) -> list[Balance]:
     """Balances of every product the team has ever been granted, at ``now``.
 
-    Three queries whatever the number of products. Correct at read time: a monthly
+    Four queries whatever the number of products (the fourth: the last 30 days'
+    net consumption for the forecast). Correct at read time: a monthly
     period whose lot is not created yet counts as full (the lot appears on first use
     or with the refresh task), and lots past their end count for nothing.
     """
@@ -101,13 +111,19 @@ def team_balances(team: Team, *, now: datetime | None = None, product: Product |
     )
     grants_qs = Grant.objects.for_team(team).unrevoked().filter(ends_at__gt=now)
     lots_qs = Lot.objects.for_team(team).filter(period_start__lte=now, expires_at__gt=now, closed_at__isnull=True)
+    first_day, last_day = forecast_window(local_date(now, tz))
+    usage_qs = DailyRollup.objects.for_team(team).filter(day__gte=first_day, day__lte=last_day)
     if product is not None:
         holdings = holdings.filter(product=product)
         grants_qs = grants_qs.filter(product=product)
         lots_qs = lots_qs.filter(product=product)
+        usage_qs = usage_qs.filter(product=product)
     holdings = list(holdings)
     grants = list(grants_qs)
     lots = {(lot.grant_id, lot.period_start): lot for lot in lots_qs}
+    net_consumed = dict(
+        usage_qs.values("product_id").annotate(net=Sum(F("consumed") - F("refunded"))).values_list("product_id", "net")
+    )
 
     by_product: dict[int, dict] = {
         h.product_id: {"available": 0, "total": 0, "purchased": 0, "ends_at": None, "refreshes_at": None}
@@ -141,6 +157,8 @@ def team_balances(team: Team, *, now: datetime | None = None, product: Product |
         # With no active grant, show when the last one ended ("Expired").
         ends_at = acc["ends_at"] or (h.last_end if h.last_end and h.last_end <= now else None)
         refreshes_at = acc["refreshes_at"]
+        # Forecast horizon: the end of the capacity in force, or its next refresh if sooner.
+        horizon = min((d for d in (acc["ends_at"], refreshes_at) if d is not None), default=None)
         result.append(Balance(
             product=h.product,
             available=acc["available"],
@@ -151,6 +169,8 @@ def team_balances(team: Team, *, now: datetime | None = None, product: Product |
             ends_in_days=local_days_until(ends_at, now, tz) if ends_at else None,
             refreshes_at=refreshes_at,
             refreshes_in_days=local_days_until(refreshes_at, now, tz) if refreshes_at else None,
+            runs_out_in_days=runs_out_in_days(available=acc["available"], net_consumed=net_consumed.get(h.product_id, 0),
+                                              now=now, horizon=horizon),
         ))
     return result
 
