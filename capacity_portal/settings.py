@@ -121,6 +121,7 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "django_htmx",
     "template_partials",
+    "ninja",  # the API docs page uses ninja's bundled Swagger UI (static files, no CDN)
     "teams",
     "products",
     "usage",
@@ -219,7 +220,15 @@ CELERY_TASK_SOFT_TIME_LIMIT = 25 * 60
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 2 * 60 * 60}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = "UTC"
-CELERY_BEAT_SCHEDULE: dict = {}
+# Periodic work (usage/tasks.py). Each beat task fans out one idempotent task per
+# balance; `make run` runs this same schedule in-process (usage run_periodic).
+CELERY_BEAT_SCHEDULE: dict = {
+    "balances-refresh-due": {"task": "usage.balances_refresh_due", "schedule": 60 * 60},
+    "alerts-check-due": {"task": "usage.alerts_check_due", "schedule": 5 * 60},
+    "rollups-verify-recent": {"task": "usage.rollups_verify_recent", "schedule": 60 * 60},
+    "ledger-reconcile": {"task": "usage.ledger_reconcile", "schedule": 24 * 60 * 60},
+    "events-prune": {"task": "usage.events_prune", "schedule": 24 * 60 * 60},
+}
 
 CACHES = {
     "default": (
