@@ -1,0 +1,96 @@
+"""Team pages: home redirect, team picker and the balances dashboard."""
+
+from __future__ import annotations
+
+from django.contrib.auth.decorators import login_required
+from django.db.models import F
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import NoReverseMatch, reverse
+from django.utils import timezone
+from django.utils.cache import patch_vary_headers
+from django.views.decorators.http import require_GET
+
+from products.selectors import team_balances
+
+from .access import get_team_for_user
+from .models import Membership, Team
+from .services import membership_mark_seen
+
+POLL_SECONDS = 10
+
+
+def _url_or_none(name: str, **kwargs) -> str | None:
+    """Reverse a page another app provides; None while that page does not exist yet."""
+    try:
+        return reverse(name, kwargs=kwargs)
+    except NoReverseMatch:
+        return None
+
+
+def _my_usage_url(slug: str) -> str | None:
+    return _url_or_none("usage:my_usage", slug=slug)
+
+
+def _product_url(slug: str, code: str) -> str:
+    return _url_or_none("usage:product_detail", slug=slug, code=code) or f"/teams/{slug}/products/{code}/"
+
+
+@require_GET
+@login_required
+def home(request: HttpRequest) -> HttpResponse:
+    """Admins go to the team they last opened, plain users to their own usage, else the picker."""
+    memberships = list(
+        Membership.objects.filter(user=request.user)
+        .select_related("team")
+        .order_by(F("last_seen_at").desc(nulls_last=True), "team__name")
+    )
+    admin_of = [m for m in memberships if m.is_admin]
+    if admin_of:
+        if admin_of[0].last_seen_at is not None:
+            return redirect("teams:dashboard", slug=admin_of[0].team.slug)
+        if len(memberships) == 1:
+            return redirect("teams:dashboard", slug=admin_of[0].team.slug)
+    elif len(memberships) == 1 or (memberships and memberships[0].last_seen_at is not None):
+        url = _my_usage_url(memberships[0].team.slug)
+        if url:
+            return redirect(url)
+    return redirect("teams:picker")
+
+
+@require_GET
+@login_required
+def picker(request: HttpRequest) -> HttpResponse:
+    """Every team the user belongs to: admins open the dashboard, users their own usage."""
+    memberships = Membership.objects.filter(user=request.user).select_related("team").order_by("team__name")
+    rows = []
+    for m in memberships:
+        if m.is_admin:
+            url = reverse("teams:dashboard", kwargs={"slug": m.team.slug})
+        else:
+            url = _my_usage_url(m.team.slug)
+        rows.append({"team": m.team, "membership": m, "url": url})
+    return render(request, "teams/picker.html", {"rows": rows})
+
+
+@require_GET
+@login_required
+def dashboard(request: HttpRequest, slug: str) -> HttpResponse:
+    """Every capacity-based product of the team as a card; htmx polls the #cards partial."""
+    team, membership = get_team_for_user(request, slug)
+    now = timezone.now()
+    cards = [
+        {"balance": b, "details_url": _product_url(team.slug, b.product.code)}
+        for b in team_balances(team, now=now)
+    ]
+    context = {"team": team, "membership": membership, "cards": cards, "now": now, "poll_seconds": POLL_SECONDS}
+    if request.htmx and request.htmx.target == "cards":
+        # The 10-second poll: the card grid only, no writes, a fixed number of queries.
+        response = render(request, "teams/dashboard.html#cards", context)
+    else:
+        membership_mark_seen(membership=membership, now=now)
+        context["admin_teams"] = list(Team.objects.administered_by(request.user).order_by("name"))
+        response = render(request, "teams/dashboard.html", context)
+    # Same URL, two representations: caches must key on the htmx header.
+    patch_vary_headers(response, ["HX-Request"])
+    return response
