@@ -187,7 +187,19 @@ USE_TZ = True
 USE_THOUSAND_SEPARATOR = False
 
 STATIC_URL = "static/"
-STATICFILES_DIRS = [BASE_DIR / "static"]
+
+
+def _plotly_package_data() -> Path:
+    import plotly
+
+    return Path(plotly.__file__).resolve().parent / "package_data"
+
+
+STATICFILES_DIRS = [
+    BASE_DIR / "static",
+    # plotly.js as shipped in the Python package: charts work offline, no CDN.
+    ("vendor/plotly", _plotly_package_data()),
+]
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
 # Email: console in the embedded default, SMTP when EMAIL_HOST is set.

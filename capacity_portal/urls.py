@@ -13,4 +13,5 @@ urlpatterns = [
     path("bench/floor/", views.floor_page, name="floor_page"),
     # Each app's urls module adds its own lines here.
     path("", include("teams.urls")),
+    path("", include("usage.urls")),
 ]
