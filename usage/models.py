@@ -234,3 +234,92 @@ class DailyBreakdown(models.Model):
 
     def __str__(self) -> str:
         return f"{self.product_id} on {self.day} ({self.service or '-'}/{self.user or '-'})"
+
+
+# -- periodic work (usage.tasks) ------------------------------------------------------
+
+
+class AlertState(models.Model):
+    """Whether one alert condition of a balance is currently crossed (and was told).
+
+    One row per (team, product, key): ``low``, ``empty``, ``used:<pct>`` or
+    ``grant_ending:<grant id>``. Firing claims the row with a conditional UPDATE
+    (``active=False -> True``), so a crossing is emailed once however many checkers
+    run; recovering resets it, so the next crossing is emailed again.
+    """
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=64)
+    active = models.BooleanField(default=False)
+    fired_at = models.DateTimeField(null=True, blank=True)
+    cleared_at = models.DateTimeField(null=True, blank=True)
+    times_fired = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["team", "product", "key"], name="alertstate_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.team_id}/{self.product_id} {self.key} ({'on' if self.active else 'off'})"
+
+
+class ReconciliationRun(models.Model):
+    """One sweep of the ledger invariant over every lot (one check per balance)."""
+
+    started_at = models.DateTimeField()
+    balances_expected = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"Reconciliation {self.pk} at {self.started_at:%Y-%m-%d %H:%M}"
+
+
+class ReconciliationCheck(models.Model):
+    """One balance checked in a run; unique, so a rerun of the same unit is a no-op."""
+
+    run = models.ForeignKey(ReconciliationRun, on_delete=models.CASCADE, related_name="checks")
+    team_product = models.ForeignKey("products.TeamProduct", on_delete=models.CASCADE, related_name="+")
+    checked_at = models.DateTimeField()
+    lots_checked = models.PositiveIntegerField(default=0)
+    drift_count = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["run", "team_product"], name="reconcile_check_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id}: balance {self.team_product_id} ({self.drift_count} drift)"
+
+
+class Drift(models.Model):
+    """A broken invariant found by periodic work. Must stay empty; shown to staff."""
+
+    class Kind(models.TextChoices):
+        LOT = "lot", "Lot: quantity + sum(deltas) != remaining"
+        ROLLUP = "rollup", "Daily rollup differs from the ledger"
+
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    run = models.ForeignKey(ReconciliationRun, null=True, blank=True, on_delete=models.CASCADE,
+                            related_name="drifts")
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="+")
+    lot = models.ForeignKey(Lot, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    day = models.DateField(null=True, blank=True)
+    expected = models.JSONField(default=dict, help_text="What the ledger says.")
+    actual = models.JSONField(default=dict, help_text="What the row held.")
+    found_at = models.DateTimeField()
+    fixed = models.BooleanField(default=False, help_text="Rollups are rewritten from the ledger; lots never are.")
+
+    class Meta:
+        ordering = ["-found_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "lot"], condition=Q(kind="lot"), name="drift_run_lot_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} ({self.team_id}/{self.product_id})"
