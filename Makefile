@@ -26,8 +26,8 @@ run: install
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py seed_demo
 	@echo ""
-	@echo "Serving http://$(HOST):$(PORT)/  (Ctrl-C to stop)"
-	$(BIN)/python manage.py runserver --noreload $(HOST):$(PORT)
+	@echo "Serving http://$(HOST):$(PORT)/ with the periodic jobs in-process  (Ctrl-C to stop)"
+	$(BIN)/python manage.py runserver_with_periodic $(HOST):$(PORT)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,244 @@
+"""Periodic work: the service functions behind the Celery tasks (usage/tasks.py).
+
+Balances are already correct at read time (DESIGN.md); these functions materialise
+what time did (``refresh``/``expire`` rows), re-prove the ledger and its rollups,
+and prune old idempotency records. Every unit of work is one transaction for one
+balance, taken under :func:`usage.ledger.lock_team_product`, so running a unit twice,
+concurrently, or again after a crash mid-way leaves the same ledger:
+
+- refresh/expiry: ``close_lot`` claims a lot with ``UPDATE ... WHERE closed_at IS NULL``
+  and ``create_lot`` relies on the unique (grant, period_start) constraint;
+- rollups: recomputed from the ledger and written as absolute values;
+- reconciliation: one ``ReconciliationCheck`` per (run, balance), unique;
+- pruning: deletes only what is already past retention and unreferenced.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Exists, OuterRef, Q, Sum
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from products.models import Grant, Lot, Refresh, TeamProduct
+
+from .actors import Actor
+from .ledger import ensure_current_lots, expire_lots, lock_team_product
+from .models import (
+    DailyRollup,
+    Drift,
+    Event,
+    Kind,
+    LedgerEntry,
+    ReconciliationCheck,
+    ReconciliationRun,
+)
+
+logger = logging.getLogger("usage.periodic")
+
+PERIODIC_ACTOR = Actor.system("periodic")
+
+
+def _team_product(tp_id: int) -> TeamProduct | None:
+    """Reload a balance by id (tasks take ids); None if it no longer exists."""
+    return TeamProduct.objects.select_related("team", "product").filter(pk=tp_id).first()
+
+
+# -- monthly refresh and expiry ----------------------------------------------------------
+
+
+def balances_due_for_refresh(*, now: datetime) -> list[int]:
+    """Balances with an ended lot still open, or an active monthly grant (maybe a new period)."""
+    open_ended = Lot.objects.filter(
+        team_id=OuterRef("team_id"), product_id=OuterRef("product_id"), closed_at__isnull=True, expires_at__lte=now
+    )
+    monthly = Grant.objects.filter(
+        team_id=OuterRef("team_id"), product_id=OuterRef("product_id"), refresh=Refresh.MONTHLY
+    ).active_at(now)
+    return list(
+        TeamProduct.objects.filter(Q(Exists(open_ended)) | Q(Exists(monthly))).order_by("pk").values_list("pk", flat=True)
+    )
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    expired: int
+    refreshed: int
+
+
+def balance_refresh(*, team_product_id: int, now: datetime | None = None) -> RefreshResult:
+    """Write the due ``expire`` rows and create the current period's lots (no rollover)."""
+    now = now or timezone.now()
+    tp = _team_product(team_product_id)
+    if tp is None:
+        return RefreshResult(0, 0)
+    with transaction.atomic():
+        locked = lock_team_product(tp.team, tp.product)
+        expired = expire_lots(locked, now=now, actor=PERIODIC_ACTOR)
+        before = LedgerEntry.objects.filter(team_id=tp.team_id, product_id=tp.product_id, kind=Kind.REFRESH).count()
+        ensure_current_lots(locked, tp.team, now=now, actor=PERIODIC_ACTOR)
+        after = LedgerEntry.objects.filter(team_id=tp.team_id, product_id=tp.product_id, kind=Kind.REFRESH).count()
+    result = RefreshResult(expired=len(expired), refreshed=after - before)
+    if result.expired or result.refreshed:
+        logger.info("balance %s (%s/%s): %d expired, %d refreshed", tp.pk, tp.team.slug, tp.product.code,
+                    result.expired, result.refreshed)
+    return result
+
+
+# -- rollups ---------------------------------------------------------------------------
+
+# Rollup field -> (ledger kind, field summed). Raw metered usage, peaks and closing
+# levels are not derivable from ledger rows alone and are not rewritten here.
+ROLLUP_FROM_LEDGER = {
+    "consumed": (Kind.CONSUME, "amount"),
+    "refunded": (Kind.REFUND, "delta"),  # what a refund restored (0 for an ended lot)
+    "checked_out": (Kind.CHECKOUT, "amount"),
+    "returned": (Kind.RETURN, "amount"),
+}
+
+
+def _local_day_bounds(day: date, tz) -> tuple[datetime, datetime]:
+    start = datetime(day.year, day.month, day.day, tzinfo=tz)
+    nxt = day + timedelta(days=1)
+    return start, datetime(nxt.year, nxt.month, nxt.day, tzinfo=tz)
+
+
+def rollup_from_ledger(tp: TeamProduct, day: date) -> dict[str, int]:
+    start, end = _local_day_bounds(day, tp.team.tzinfo)
+    rows = LedgerEntry.objects.filter(
+        team_id=tp.team_id, product_id=tp.product_id, occurred_at__gte=start, occurred_at__lt=end
+    )
+    sums = rows.aggregate(**{
+        name: Coalesce(Sum(field, filter=Q(kind=kind)), 0) for name, (kind, field) in ROLLUP_FROM_LEDGER.items()
+    })
+    return {name: int(value) for name, value in sums.items()}
+
+
+def rollup_verify(*, team_product_id: int, day: date, now: datetime | None = None) -> dict | None:
+    """Recompute one local day's rollup from the ledger; rewrite it and record drift if it differs.
+
+    Returns the drift found (``{"expected": ..., "actual": ...}``) or None.
+    """
+    now = now or timezone.now()
+    tp = _team_product(team_product_id)
+    if tp is None:
+        return None
+    with transaction.atomic():
+        # Writers update rollups under this lock: the ledger and the rollup are compared at rest.
+        lock_team_product(tp.team, tp.product)
+        expected = rollup_from_ledger(tp, day)
+        row = DailyRollup.objects.select_for_update().filter(team_id=tp.team_id, product_id=tp.product_id,
+                                                             day=day).first()
+        actual = {name: getattr(row, name) if row else 0 for name in ROLLUP_FROM_LEDGER}
+        if actual == expected:
+            return None
+        if row is None:
+            DailyRollup.objects.create(team_id=tp.team_id, product_id=tp.product_id, day=day, **expected)
+        else:
+            DailyRollup.objects.filter(pk=row.pk).update(**expected)
+        Drift.objects.create(kind=Drift.Kind.ROLLUP, team_id=tp.team_id, product_id=tp.product_id, day=day,
+                             expected=expected, actual=actual, found_at=now, fixed=True)
+    logger.error("rollup drift for %s/%s on %s: rollup %s, ledger %s (rollup rewritten)", tp.team.slug,
+                 tp.product.code, day, actual, expected)
+    return {"expected": expected, "actual": actual}
+
+
+def rollups_recent_units(*, now: datetime, days: int = 2) -> list[tuple[int, date]]:
+    """(balance, local day) pairs for the last ``days`` local days of every balance with ledger rows then."""
+    since = now - timedelta(days=days + 1)
+    active = (
+        TeamProduct.objects.filter(Exists(LedgerEntry.objects.filter(
+            team_id=OuterRef("team_id"), product_id=OuterRef("product_id"), occurred_at__gte=since)))
+        .select_related("team").order_by("pk")
+    )
+    units = []
+    for tp in active:
+        today = now.astimezone(tp.team.tzinfo).date()
+        units.extend((tp.pk, today - timedelta(days=i)) for i in range(days))
+    return units
+
+
+# -- reconciliation ------------------------------------------------------------------
+
+
+def reconciliation_start(*, now: datetime | None = None) -> tuple[ReconciliationRun, list[int]]:
+    """A new run over every balance; returns it and the balance ids to check."""
+    now = now or timezone.now()
+    ids = list(TeamProduct.objects.order_by("pk").values_list("pk", flat=True))
+    run = ReconciliationRun.objects.create(started_at=now, balances_expected=len(ids))
+    return run, ids
+
+
+def lots_with_sums(tp: TeamProduct):
+    return (
+        Lot.objects.filter(team_id=tp.team_id, product_id=tp.product_id)
+        .annotate(delta_sum=Coalesce(Sum("entries__delta"), 0))
+        .order_by("pk")
+    )
+
+
+def reconcile_balance(*, run_id: int, team_product_id: int, now: datetime | None = None) -> ReconciliationCheck | None:
+    """Check ``quantity + sum(deltas) == remaining`` for every lot of one balance, once per run."""
+    now = now or timezone.now()
+    tp = _team_product(team_product_id)
+    if tp is None:
+        return None
+    with transaction.atomic():
+        lock_team_product(tp.team, tp.product)  # no write of this balance is half-way while we add up
+        try:
+            with transaction.atomic():
+                # Claim: the unique (run, balance) makes a second or concurrent check a no-op.
+                check = ReconciliationCheck.objects.create(run_id=run_id, team_product=tp, checked_at=now)
+        except IntegrityError:
+            return None
+        drifts = []
+        lots = list(lots_with_sums(tp))
+        for lot in lots:
+            expected = lot.quantity + lot.delta_sum
+            if expected != lot.remaining or not 0 <= lot.remaining <= lot.quantity:
+                drifts.append(Drift(
+                    kind=Drift.Kind.LOT, run_id=run_id, team_id=tp.team_id, product_id=tp.product_id, lot=lot,
+                    expected={"remaining": expected, "quantity": lot.quantity, "sum_deltas": lot.delta_sum},
+                    actual={"remaining": lot.remaining}, found_at=now,
+                ))
+        Drift.objects.bulk_create(drifts)
+        check.lots_checked, check.drift_count = len(lots), len(drifts)
+        check.save(update_fields=["lots_checked", "drift_count"])
+    for d in drifts:
+        logger.error("LEDGER DRIFT: lot %s of %s/%s: quantity %s + sum(deltas) %s = %s but remaining is %s",
+                     d.lot_id, tp.team.slug, tp.product.code, d.expected["quantity"], d.expected["sum_deltas"],
+                     d.expected["remaining"], d.actual["remaining"])
+    return check
+
+
+# -- idempotency records ----------------------------------------------------------------
+
+
+def events_prune(*, now: datetime | None = None, batch: int = 1000) -> int:
+    """Delete idempotency records older than the retention that no ledger row references.
+
+    Events that caused ledger rows are kept: the ledger is append-only and points at
+    them (PROTECT) as the request that caused each row. Pruned keys may be reused.
+    """
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=settings.IDEMPOTENCY_RETENTION_DAYS)
+    stale = Event.objects.filter(created_at__lt=cutoff).filter(~Exists(LedgerEntry.objects.filter(event=OuterRef("pk"))))
+    deleted = 0
+    while True:
+        ids = list(stale.order_by("pk").values_list("pk", flat=True)[:batch])
+        if not ids:
+            break
+        with transaction.atomic():
+            # Re-check inside the delete: a row referenced meanwhile is left alone.
+            n, _ = stale.filter(pk__in=ids).delete()
+        deleted += n
+        if n == 0 or len(ids) < batch:
+            break
+    if deleted:
+        logger.info("pruned %d idempotency records older than %s", deleted, cutoff)
+    return deleted
