@@ -66,8 +66,7 @@ def _fresh_rate_windows():
     cache.clear()
 
 
-@pytest.fixture
-def acme(world):
+def setup_acme(world) -> dict:
     """Team acme: 150 cloud tokens, 10 pooled assets, a key; team globex: its own key."""
     team = world["team"]
     make_grant(team, world["tokens"], 150)
@@ -75,6 +74,11 @@ def acme(world):
     world["api"] = ApiClient(new_key(team))
     world["globex_api"] = ApiClient(new_key(world["other"]))
     return world
+
+
+@pytest.fixture
+def acme(world):
+    return setup_acme(world)
 
 
 # -- auth --------------------------------------------------------------------------------------

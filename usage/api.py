@@ -140,7 +140,7 @@ class UsageIn(Strict):
 
 
 class BatchIn(Strict):
-    events: list[dict[str, Any]] = Field(
+    events: list[Any] = Field(
         description=f"Up to {settings.API_BATCH_MAX_EVENTS} usage events, each as in POST /usage.",
         json_schema_extra={
             "items": UsageIn.model_json_schema(),  # documented in full; each is validated alone

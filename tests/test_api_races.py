@@ -1,0 +1,185 @@
+"""Races on PostgreSQL with real threads: no overdraft, one write per key, one refund per job.
+
+Each scenario runs at the service level and through the API (django.test.Client per
+thread). Every thread closes its own database connection at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from django.db import connection, connections
+from django.test import Client
+
+from products.models import Lot
+from products.selectors import product_balance
+from teams.services import api_key_create
+from usage.actors import Actor
+from usage.errors import IdempotencyConflict, InsufficientBalance
+from usage.models import Event, Kind, LedgerEntry
+from usage.services import job_refund, usage_consume
+
+from .conftest import key
+from .factories import make_grant
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
+
+THREADS = 32
+
+
+def run_threads(fn, n: int) -> list:
+    """Run fn(i) for i in range(n) on THREADS threads released together."""
+    barrier = threading.Barrier(min(n, THREADS))
+
+    def call(i):
+        try:
+            if i < THREADS:
+                barrier.wait(timeout=30)
+            return fn(i)
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        return list(pool.map(call, range(n)))
+
+
+def ledger_consistent() -> bool:
+    for lot in Lot.objects.all():
+        deltas = sum(LedgerEntry.objects.filter(lot=lot).values_list("delta", flat=True))
+        if lot.quantity + deltas != lot.remaining or not 0 <= lot.remaining <= lot.quantity:
+            return False
+    return True
+
+
+def post(raw_key: str, path: str, body: dict):
+    response = Client().post("/api/v1" + path, json.dumps(body), content_type="application/json",
+                             headers={"Authorization": f"Bearer {raw_key}"})
+    return response.status_code, response.json(), response.get("Idempotent-Replayed")
+
+
+@pytest.fixture
+def setup(world, require_postgres, settings):
+    settings.API_RATE_LIMIT_PER_MINUTE = 0
+    team, tokens = world["team"], world["tokens"]
+    make_grant(team, tokens, 150)
+    _, raw = api_key_create(team=team, name="race")
+    return team, tokens, raw
+
+
+def test_service_200_consumes_against_150(setup):
+    team, tokens, _ = setup
+    actor = Actor.system("race")
+
+    def consume(i):
+        try:
+            return usage_consume(team=team, product=tokens, quantity=1, idempotency_key=f"svc-{i}",
+                                 actor=actor).status_code
+        except InsufficientBalance:
+            return 409
+
+    statuses = run_threads(consume, 200)
+    assert statuses.count(201) == 150 and statuses.count(409) == 50
+    assert product_balance(team, tokens).available == 0
+    assert LedgerEntry.objects.filter(kind=Kind.CONSUME).count() == 150
+    assert ledger_consistent()
+
+
+def test_api_200_consumes_against_150(setup):
+    team, tokens, raw = setup
+
+    def consume(i):
+        status, body, _ = post(raw, "/usage", {"product": "cloud-tokens", "kind": "consume", "quantity": 1,
+                                               "idempotency_key": f"api-{i}"})
+        return status, body
+
+    results = run_threads(consume, 200)
+    statuses = [s for s, _ in results]
+    assert statuses.count(201) == 150, statuses
+    assert statuses.count(409) == 50
+    assert {b["error"]["code"] for s, b in results if s == 409} == {"insufficient_balance"}
+    assert sorted(b["available"] for s, b in results if s == 201) == list(range(150))
+    assert product_balance(team, tokens).available == 0
+    assert ledger_consistent()
+
+
+def test_service_one_key_32_times_writes_once(setup):
+    team, tokens, _ = setup
+    actor = Actor.system("race")
+    k = key()
+
+    def consume(i):
+        try:
+            out = usage_consume(team=team, product=tokens, quantity=3, idempotency_key=k, actor=actor)
+            return out.status_code, out.body, out.replayed
+        except IdempotencyConflict:
+            return 409, None, False
+
+    results = run_threads(consume, THREADS)
+    ok = [r for r in results if r[0] == 201]
+    assert len(ok) + sum(1 for r in results if r[0] == 409) == THREADS
+    assert len({json.dumps(body, sort_keys=True) for _, body, _ in ok}) == 1
+    assert sum(1 for r in ok if not r[2]) == 1  # one writer, the rest replayed
+    assert LedgerEntry.objects.filter(kind=Kind.CONSUME).count() == 1
+    assert Event.objects.filter(key=k).count() == 1
+    assert product_balance(team, tokens).available == 147
+
+
+def test_api_one_key_32_times_writes_once(setup):
+    team, tokens, raw = setup
+    body = {"product": "cloud-tokens", "kind": "consume", "quantity": 3, "idempotency_key": key()}
+    results = run_threads(lambda i: post(raw, "/usage", body), THREADS)
+    statuses = [s for s, _, _ in results]
+    assert 500 not in statuses
+    assert set(statuses) <= {201, 409}
+    bodies = {json.dumps(b, sort_keys=True) for s, b, _ in results if s == 201}
+    assert len(bodies) == 1
+    assert sum(1 for s, _, replayed in results if s == 201 and replayed != "true") == 1
+    assert LedgerEntry.objects.filter(kind=Kind.CONSUME).count() == 1
+    assert product_balance(team, tokens).available == 147
+
+
+def test_32_concurrent_refunds_of_one_job_refund_once(setup):
+    team, tokens, raw = setup
+    actor = Actor.system("race")
+    for n in (10, 20):
+        usage_consume(team=team, product=tokens, quantity=n, idempotency_key=key(), actor=actor, job_id="job-r")
+    results = run_threads(lambda i: post(raw, "/jobs/job-r/refund", {"idempotency_key": f"r-{i % 2}"}), THREADS)
+    assert {s for s, _, _ in results} == {200}
+    assert sum(b["refunded"] for s, b, replayed in results if replayed != "true") == 30
+    assert LedgerEntry.objects.filter(kind=Kind.REFUND).count() == 2
+    assert product_balance(team, tokens).available == 150
+    assert ledger_consistent()
+
+    # and at the service level, with a fresh job
+    usage_consume(team=team, product=tokens, quantity=7, idempotency_key=key(), actor=actor, job_id="job-s")
+    outs = run_threads(lambda i: job_refund(team=team, job_id="job-s", idempotency_key=f"s-{i}", actor=actor),
+                       THREADS)
+    assert sum(o.body["refunded"] for o in outs) == 7
+    assert product_balance(team, tokens).available == 150
+    assert ledger_consistent()
+
+
+def test_concurrent_batches_and_singles_share_one_balance(setup):
+    """Batches lock their balances in a fixed order; singles interleave; no overdraft, no 500."""
+    team, tokens, raw = setup
+
+    def work(i):
+        if i % 4 == 0:
+            events = [{"product": "cloud-tokens", "kind": "consume", "quantity": 1, "idempotency_key": f"b{i}-{j}"}
+                      for j in range(10)]
+            status, body, _ = post(raw, "/usage/batch", {"events": events})
+            assert status == 200
+            return [r["status"] for r in body["results"]]
+        status, _, _ = post(raw, "/usage", {"product": "cloud-tokens", "kind": "consume", "quantity": 1,
+                                            "idempotency_key": f"s{i}"})
+        return [status]
+
+    statuses = [s for group in run_threads(work, 64) for s in group]
+    assert 500 not in statuses
+    assert statuses.count(201) == 150
+    assert product_balance(team, tokens).available == 0
+    assert connection.vendor == "postgresql"
+    assert ledger_consistent()
