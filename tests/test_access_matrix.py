@@ -40,6 +40,10 @@ def product_kwargs(code: str):
 
 TEAM_URLS: list[tuple] = [
     ("teams:dashboard", team_kwargs, ADMINS),
+    ("usage:product_detail", product_kwargs("cloud-tokens"), ADMINS),
+    ("usage:product_detail", product_kwargs("asset-pool"), ADMINS),
+    ("usage:product_export", product_kwargs("cloud-tokens"), ADMINS),
+    ("usage:my_usage", team_kwargs, MEMBERS),
 ]
 
 VISITORS = ["anonymous", "outsider", "user", "primary_admin", "secondary_admin", "sso_admin"]
