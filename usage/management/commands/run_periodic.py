@@ -17,13 +17,20 @@ from datetime import datetime, timedelta
 from celery.schedules import schedule as interval_schedule
 from django.conf import settings
 from django.core.management.base import BaseCommand
-from django.db import close_old_connections, connections
+from django.db import close_old_connections, connection, connections
 from django.utils import timezone
 
 from capacity_portal.celery import app
 from usage import tasks as _registers_tasks  # noqa: F401  (autodiscovery is lazy outside a worker)
 
 logger = logging.getLogger("usage.periodic")
+
+
+def _close_old_connections() -> None:
+    # Like a request boundary: drop broken or expired connections of this thread
+    # (never inside a transaction, e.g. when a test calls the runner).
+    if not connection.in_atomic_block:
+        close_old_connections()
 
 
 class PeriodicRunner:
@@ -49,14 +56,14 @@ class PeriodicRunner:
     def run_job(self, name: str) -> None:
         task_name, _ = self.entries[name]
         self.last_run[name] = timezone.now()
-        close_old_connections()
+        _close_old_connections()
         try:
             # apply(): run here, eagerly, whatever the broker setting (fan-out included when eager).
             app.tasks[task_name].apply(throw=True)
         except Exception:
             logger.exception("periodic job %s (%s) failed; it runs again when next due", name, task_name)
         finally:
-            close_old_connections()
+            _close_old_connections()
 
     def tick(self) -> list[str]:
         names = self.due()

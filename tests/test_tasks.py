@@ -1,0 +1,207 @@
+"""Periodic tasks (eager, on_commit executed): refresh/expiry, rollups, pruning, schedule."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.db import transaction
+from django.utils import timezone
+
+from capacity_portal.celery import app
+from products.models import Lot, Refresh, TeamProduct
+from products.selectors import product_balance
+from usage import periodic, tasks
+from usage.models import DailyRollup, Drift, Event, Kind, LedgerEntry
+from usage.services import job_refund, usage_consume
+
+from .conftest import key
+from .factories import make_grant
+
+pytestmark = pytest.mark.django_db
+
+
+def ledger_snapshot():
+    return list(LedgerEntry.objects.order_by("id").values_list("kind", "delta", "lot_id", "grant_id", "occurred_at"))
+
+
+def monthly_grant_40_days_old(world, quantity=100):
+    """A monthly grant whose first period ended 10 days ago; no task has run since."""
+    now = timezone.now()
+    starts = now - timedelta(days=40)
+    grant = make_grant(world["team"], world["tokens"], quantity, refresh=Refresh.MONTHLY, starts_at=starts,
+                       ends_at=starts + timedelta(days=365), now=starts + timedelta(hours=1))
+    return grant
+
+
+def test_monthly_refresh_writes_expire_and_refresh_rows_once(world, django_capture_on_commit_callbacks):
+    grant = monthly_grant_40_days_old(world)
+    tp = TeamProduct.objects.get(team=world["team"], product=world["tokens"])
+    assert periodic.balances_due_for_refresh(now=timezone.now()) == [tp.pk]
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert tasks.balances_refresh_due.delay().get() == 1
+
+    kinds = list(LedgerEntry.objects.filter(grant=grant).order_by("id").values_list("kind", "delta"))
+    assert kinds == [(Kind.GRANT, 100), (Kind.EXPIRE, -100), (Kind.REFRESH, 100)]  # no rollover
+    lots = list(Lot.objects.filter(grant=grant).order_by("period_index"))
+    assert [(lot.period_index, lot.remaining, lot.closed_at is not None) for lot in lots] == [
+        (0, 0, True), (1, 100, False)]
+
+    before = ledger_snapshot()
+    with django_capture_on_commit_callbacks(execute=True):
+        tasks.balances_refresh_due.delay()
+        tasks.balance_refresh.delay(tp.pk)
+    assert ledger_snapshot() == before
+
+
+def test_refresh_keeps_the_balance_the_reader_already_saw(world):
+    """Correct at read time: the task materialises what the selector already showed."""
+    monthly_grant_40_days_old(world)
+    seen = product_balance(world["team"], world["tokens"])
+    result = periodic.balance_refresh(team_product_id=TeamProduct.objects.get().pk)
+    assert (result.expired, result.refreshed) == (1, 1)
+    after = product_balance(world["team"], world["tokens"])
+    assert (after.available, after.total) == (seen.available, seen.total) == (100, 100)
+
+
+def test_expiry_of_an_ended_grant(world, django_capture_on_commit_callbacks):
+    now = timezone.now()
+    grant = make_grant(world["team"], world["tokens"], 50, starts_at=now - timedelta(days=20),
+                       ends_at=now - timedelta(days=1), now=now - timedelta(days=19))
+    usage_consume(team=world["team"], product=world["tokens"], quantity=20, idempotency_key=key(),
+                  actor=tasks.periodic.PERIODIC_ACTOR, now=now - timedelta(days=5))
+    with django_capture_on_commit_callbacks(execute=True):
+        tasks.balances_refresh_due.delay()
+    expire = LedgerEntry.objects.get(grant=grant, kind=Kind.EXPIRE)
+    assert (expire.delta, expire.occurred_at) == (-30, grant.ends_at)
+    assert periodic.balances_due_for_refresh(now=timezone.now()) == []
+
+
+def test_nothing_due_enqueues_nothing(world, django_capture_on_commit_callbacks):
+    make_grant(world["team"], world["tokens"], 10)
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        assert tasks.balances_refresh_due.delay().get() == 0
+    assert callbacks == []
+
+
+def test_enqueue_waits_for_commit_and_drops_on_rollback(world, django_capture_on_commit_callbacks):
+    monthly_grant_40_days_old(world)
+    tp = TeamProduct.objects.get()
+    with django_capture_on_commit_callbacks(execute=True):
+        try:
+            with transaction.atomic():
+                tasks.enqueue(tasks.balance_refresh, tp.pk)
+                raise RuntimeError("the write rolled back")
+        except RuntimeError:
+            pass
+    assert not LedgerEntry.objects.filter(kind=Kind.REFRESH).exists()
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        with transaction.atomic():
+            tasks.enqueue(tasks.balance_refresh, tp.pk)
+            assert not LedgerEntry.objects.filter(kind=Kind.REFRESH).exists()  # not before commit
+    assert len(callbacks) == 1
+    assert LedgerEntry.objects.filter(kind=Kind.REFRESH).count() == 1
+
+
+def test_a_deleted_id_is_a_no_op():
+    assert periodic.balance_refresh(team_product_id=987654) == periodic.RefreshResult(0, 0)
+    assert tasks.rollup_verify.delay(987654, "2026-01-01").get() is False
+    assert tasks.alerts_check_team_product.delay(987654).get() == []
+
+
+# -- rollups ---------------------------------------------------------------------------
+
+
+def _used_today(world, quantity=7):
+    make_grant(world["team"], world["tokens"], 100)
+    usage_consume(team=world["team"], product=world["tokens"], quantity=quantity, idempotency_key=key(),
+                  actor=periodic.PERIODIC_ACTOR, job_id="job-1")
+    return TeamProduct.objects.get(), timezone.localdate(timezone.now(), world["team"].tzinfo)
+
+
+def test_rollup_verify_finds_nothing_on_a_clean_ledger(world, django_capture_on_commit_callbacks):
+    tp, today = _used_today(world)
+    job_refund(team=world["team"], job_id="job-1", idempotency_key=key(), actor=periodic.PERIODIC_ACTOR)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert tasks.rollups_verify_recent.delay().get() == 2  # today and yesterday of one balance
+    assert not Drift.objects.exists()
+    assert periodic.rollup_from_ledger(tp, today) == {"consumed": 7, "refunded": 7, "checked_out": 0, "returned": 0}
+
+
+def test_rollup_drift_is_logged_fixed_and_recorded_once(world, caplog):
+    tp, today = _used_today(world)
+    DailyRollup.objects.filter(team=world["team"], day=today).update(consumed=999)
+    with caplog.at_level(logging.ERROR, logger="usage.periodic"):
+        drift = periodic.rollup_verify(team_product_id=tp.pk, day=today)
+    assert drift == {"expected": {"consumed": 7, "refunded": 0, "checked_out": 0, "returned": 0},
+                     "actual": {"consumed": 999, "refunded": 0, "checked_out": 0, "returned": 0}}
+    assert "rollup drift" in caplog.text
+    assert DailyRollup.objects.get(team=world["team"], day=today).consumed == 7
+    d = Drift.objects.get()
+    assert (d.kind, d.fixed, d.day) == (Drift.Kind.ROLLUP, True, today)
+    assert periodic.rollup_verify(team_product_id=tp.pk, day=today) is None  # rerun: nothing left
+    assert Drift.objects.count() == 1
+
+
+def test_rollup_catch_up_creates_a_missing_day(world):
+    tp, today = _used_today(world, quantity=3)
+    DailyRollup.objects.all().delete()
+    assert periodic.rollup_verify(team_product_id=tp.pk, day=today) is not None
+    assert DailyRollup.objects.get(team=world["team"], day=today).consumed == 3
+
+
+# -- idempotency records -----------------------------------------------------------------
+
+
+def test_events_prune_keeps_the_ledger_intact(world):
+    tp, _ = _used_today(world)
+    used = Event.objects.get(operation="consume")
+    orphan_old = Event.objects.create(team=world["team"], key="old", fingerprint="x", operation="metered")
+    orphan_new = Event.objects.create(team=world["team"], key="new", fingerprint="x", operation="metered")
+    long_ago = timezone.now() - timedelta(days=settings.IDEMPOTENCY_RETENTION_DAYS + 1)
+    Event.objects.filter(pk__in=[used.pk, orphan_old.pk]).update(created_at=long_ago)
+    before = ledger_snapshot()
+
+    assert tasks.events_prune.delay().get() == 1
+    assert set(Event.objects.values_list("pk", flat=True)) == {used.pk, orphan_new.pk}
+    assert ledger_snapshot() == before
+    assert periodic.events_prune() == 0  # twice: nothing more
+
+
+# -- schedule and the embedded runner ---------------------------------------------------
+
+
+def test_every_beat_entry_names_a_registered_task():
+    app.loader.import_default_modules()
+    assert settings.CELERY_BEAT_SCHEDULE
+    for name, entry in settings.CELERY_BEAT_SCHEDULE.items():
+        assert entry["task"] in app.tasks, name
+
+
+def test_celery_reliability_settings():
+    conf = app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
+
+
+def test_run_periodic_once_does_the_work_in_process(world, django_capture_on_commit_callbacks, capsys):
+    grant = monthly_grant_40_days_old(world)
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command("run_periodic", "--once")
+    assert "ran 5 periodic jobs" in capsys.readouterr().out
+    assert LedgerEntry.objects.filter(grant=grant, kind=Kind.REFRESH).count() == 1
+
+
+def test_periodic_runner_runs_each_job_only_when_due():
+    from usage.management.commands.run_periodic import PeriodicRunner
+
+    runner = PeriodicRunner({"a": {"task": "usage.events_prune", "schedule": 3600},
+                             "b": {"task": "usage.events_prune", "schedule": timedelta(seconds=1)}})
+    assert runner.due() == ["a", "b"]
+    runner.last_run = dict.fromkeys(runner.entries, timezone.now() - timedelta(seconds=5))
+    assert runner.due() == ["b"]
