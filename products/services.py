@@ -17,7 +17,7 @@ from usage.ledger import close_lot, create_lot, lock_team_product
 from usage.models import Event, Kind
 
 from .models import Grant, Lot, Product, Refresh, Source
-from .periods import _add_months, period_bounds, period_index_at
+from .periods import _add_months, period_bounds, period_count, period_index_at
 
 # Tokens per licence per subscription term (seed: cloud tokens FAQ).
 SUBSCRIPTION_GIFT_TABLE = {
@@ -99,14 +99,15 @@ def grant_create(
         team=team, product=product, quantity=quantity, source=source, starts_at=starts_at,
         ends_at=ends_at, refresh=refresh, created_by=actor.user, note=note,
     )
-    # The period in force now (or the first one, for a grant starting later).
-    k = max(period_index_at(starts_at, team.tzinfo, max(now, starts_at)), 0) if refresh == Refresh.MONTHLY else 0
+    # The period in force now (the first one for a grant starting later, the last one
+    # for a grant entered after its end): the grant always gets its lot and its row.
     if refresh == Refresh.MONTHLY:
+        k = max(period_index_at(starts_at, team.tzinfo, max(now, starts_at)), 0)
+        k = min(k, period_count(starts_at, ends_at, team.tzinfo) - 1)
         start, end = period_bounds(starts_at, ends_at, team.tzinfo, k)
     else:
-        start, end = starts_at, ends_at
-    if end > now or k == 0:
-        create_lot(grant, k=k, start=start, end=end, kind=Kind.GRANT, actor=actor, event=event)
+        k, start, end = 0, starts_at, ends_at
+    create_lot(grant, k=k, start=start, end=end, kind=Kind.GRANT, actor=actor, event=event)
     if event:
         event.status_code = 201
         event.response = {"grant_id": grant.pk}
