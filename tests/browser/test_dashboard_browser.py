@@ -214,3 +214,31 @@ def test_sign_in_page_rejects_bad_password(page, page_log, live_server, world, s
     page.get_by_role("button", name="Sign in").click()
     expect(page).to_have_url(f"{live_server.url}/teams/acme/")  # back to where they were going
     assert page_log.errors == []
+
+
+def test_poll_after_sign_out_opens_the_sign_in_page(page, login, live_server, world):
+    from playwright.sync_api import expect
+
+    make_grant(world["team"], world["tokens"], 100)
+    login(page, "sso_admin")
+    expect(page.locator('[data-product="cloud-tokens"]')).to_have_count(1)
+    page.context.clear_cookies()  # the session ends (signed out in another tab, expired)
+    page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")  # poll now
+    expect(page).to_have_url(re.compile(r"/accounts/login/\?next=/teams/acme/$"))
+    expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+    assert page.locator('#cards .auth').count() == 0  # not swapped into the card grid
+
+
+def test_poll_after_losing_membership_shows_not_found(page, login, live_server, world):
+    from playwright.sync_api import expect
+
+    from teams.models import Membership
+
+    make_grant(world["team"], world["tokens"], 100)
+    login(page, "sso_admin")
+    expect(page.locator('[data-product="cloud-tokens"]')).to_have_count(1)
+    Membership.objects.filter(user=world["members"]["sso_admin"]).delete()
+    with page.expect_response(lambda r: r.url.endswith("/teams/acme/") and r.request.resource_type == "document") as info:
+        page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+    assert info.value.status == 404
+    expect(page.locator("[data-product]")).to_have_count(0)  # no stale balances left on screen
