@@ -1,0 +1,310 @@
+"""Seed the bench database: 1,000 teams, 10 million ledger rows (scaled by ``--scale``).
+
+Small tables go through the ORM; the ledger goes in with ``COPY`` (psycopg 3), then
+everything derived from it is computed *in SQL from the ledger*, so the data keeps the
+domain invariants:
+
+* every (team, product) with a grant has its ``TeamProduct`` row, one ``never`` grant,
+  its lot and its ``grant`` ledger row;
+* each lot's ``remaining == quantity + sum(deltas of its entries)`` (set by an UPDATE from
+  the ledger, then checked);
+* ``DailyBreakdown`` rows are ``INSERT ... SELECT ... GROUP BY`` over the consume rows by
+  the local day in the team's time zone, and ``DailyRollup`` rows the sum of those
+  (checked against the ledger total).
+
+Seeded consume rows carry the team's API key as actor but no ``Event`` (as if imported):
+events are only written by the measured requests.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+SEED_VERSION = "2026-11-24.1"
+
+SERVICES = ("rendering", "simulation", "analysis", "optimization", "model_creation")
+TIMEZONES = ("UTC", "America/New_York", "Europe/Berlin", "Asia/Tokyo", "Australia/Sydney")
+AMOUNTS = tuple(1 + (7 * j) % 10 for j in range(10))  # a permutation of 1..10
+N_PRODUCTS = 50
+SMALL_TEAM_PRODUCTS = 5
+PER_TEAM_PRODUCTS = 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    scale: float
+    teams: int
+    ledger_rows: int
+    big_events: int
+
+
+def make_plan(scale: float) -> Plan:
+    """1,000 teams, 10M ledger rows and a 1M-event product at scale 1 (floors for tiny scales)."""
+    return Plan(
+        scale=scale,
+        teams=max(3, round(1000 * scale)),
+        ledger_rows=max(20_000, round(10_000_000 * scale)),
+        big_events=max(5_000, round(1_000_000 * scale)),
+    )
+
+
+def holdings_for(plan: Plan) -> list[tuple[int, int]]:
+    """(team index, product index) pairs with a grant: team 0 holds all 50, team 1 five, others three."""
+    pairs = [(0, p) for p in range(N_PRODUCTS)] + [(1, p) for p in range(SMALL_TEAM_PRODUCTS)]
+    for t in range(2, plan.teams):
+        pairs += [(t, (t * PER_TEAM_PRODUCTS + j) % N_PRODUCTS) for j in range(PER_TEAM_PRODUCTS)]
+    return pairs
+
+
+def rows_per_holding(plan: Plan, holdings: list[tuple[int, int]]) -> list[int]:
+    """Consume rows per holding: the big product gets ``big_events``, the rest share the remainder.
+
+    Together with one ``grant`` row per holding the ledger has exactly ``plan.ledger_rows`` rows.
+    """
+    rest = plan.ledger_rows - len(holdings) - plan.big_events
+    others = len(holdings) - 1
+    if rest < others:
+        raise ValueError("scale too small for the holdings")
+    base, extra = divmod(rest, others)
+    counts = [plan.big_events]
+    for i in range(others):
+        counts.append(base + (1 if i < extra else 0))
+    return counts
+
+
+def amount_sum(n: int) -> int:
+    """Sum of the amounts of the first ``n`` consume rows of a holding."""
+    full, part = divmod(n, len(AMOUNTS))
+    return full * sum(AMOUNTS) + sum(AMOUNTS[:part])
+
+
+def is_low(team_index: int, product_index: int) -> bool:
+    """A few balances are seeded red (<= 20% left); the load never spends from them."""
+    if team_index == 0:
+        return product_index >= 45
+    return team_index >= 2 and team_index % 10 == 0 and product_index == (team_index * PER_TEAM_PRODUCTS + 2) % 50
+
+
+def grant_quantity(consumed: int, low: bool) -> int:
+    headroom = consumed // 6 + 1 if low else max(consumed, 200_000)
+    return consumed + headroom
+
+
+def team_slug(t: int) -> str:
+    return {0: "bench-big", 1: "bench-small"}.get(t, f"bench-{t:04d}")
+
+
+def product_code(p: int) -> str:
+    return f"bench-p{p:02d}"
+
+
+def log(msg: str) -> None:
+    print(f"[seed] {msg}", flush=True)
+
+
+class _Stamp:
+    """Fast 'YYYY-MM-DD HH:MM:SS+00' for epoch seconds (the day part cached)."""
+
+    def __init__(self):
+        self.days: dict[int, str] = {}
+
+    def __call__(self, ts: int) -> str:
+        day, sec = divmod(ts, 86400)
+        prefix = self.days.get(day)
+        if prefix is None:
+            prefix = self.days[day] = datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d ")
+        h, rem = divmod(sec, 3600)
+        m, s = divmod(rem, 60)
+        return f"{prefix}{h:02d}:{m:02d}:{s:02d}+00"
+
+
+def seed(plan: Plan) -> dict:
+    """Seed an empty, migrated database; returns the marker's meta."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.hashers import make_password
+    from django.db import connection, transaction
+
+    from products.models import SOURCE_PRIORITY, Grant, Lot, Product, Refresh, Source, TeamProduct
+    from teams.models import ApiKey, Membership, Role, Team
+
+    started = time.monotonic()
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    grant_start = now - timedelta(days=400)
+    grant_end = now + timedelta(days=400)
+    usage_start = int((now - timedelta(days=365)).timestamp())
+    usage_end = int((now - timedelta(hours=1)).timestamp())
+    holdings = holdings_for(plan)
+    counts = rows_per_holding(plan, holdings)
+    log(f"plan: {plan.teams:,} teams, {len(holdings):,} holdings, {plan.ledger_rows:,} ledger rows "
+        f"({plan.big_events:,} on {team_slug(0)}/{product_code(0)}), scale {plan.scale}")
+
+    User = get_user_model()
+    with transaction.atomic():
+        products = Product.objects.bulk_create([
+            Product(code=product_code(p), name=f"Bench product {p:02d}", unit="tokens") for p in range(N_PRODUCTS)
+        ])
+        teams = Team.objects.bulk_create([
+            Team(name=f"Bench team {t:04d}" if t > 1 else ("Bench big" if t == 0 else "Bench small"),
+                 slug=team_slug(t), timezone="America/New_York" if t == 0 else TIMEZONES[t % len(TIMEZONES)])
+            for t in range(plan.teams)
+        ])
+        password = make_password("bench-pass")
+        users = User.objects.bulk_create([
+            User(username=f"bench-admin-{t:04d}", email=f"admin{t}@bench.example", password=password)
+            for t in range(plan.teams)
+        ])
+        Membership.objects.bulk_create([
+            Membership(user=u, team=tm, role=Role.PRIMARY_ADMIN) for u, tm in zip(users, teams, strict=True)
+        ])
+        keys, raw_keys = [], []
+        for tm in teams:
+            k = ApiKey(team=tm, name="bench")
+            raw_keys.append(k.set_new_secret())
+            keys.append(k)
+        ApiKey.objects.bulk_create(keys)
+        TeamProduct.objects.bulk_create([TeamProduct(team=teams[t], product=products[p]) for t, p in holdings])
+        quantities = [grant_quantity(amount_sum(n), is_low(t, p)) for (t, p), n in zip(holdings, counts, strict=True)]
+        grants = Grant.objects.bulk_create([
+            Grant(team=teams[t], product=products[p], quantity=q, source=Source.PURCHASE, starts_at=grant_start,
+                  ends_at=grant_end, refresh=Refresh.NEVER, note="bench seed")
+            for (t, p), q in zip(holdings, quantities, strict=True)
+        ])
+        lots = Lot.objects.bulk_create([
+            Lot(grant=g, team_id=g.team_id, product_id=g.product_id, period_index=0, period_start=grant_start,
+                expires_at=grant_end, priority=SOURCE_PRIORITY[Source.PURCHASE], quantity=g.quantity,
+                remaining=g.quantity)
+            for g in grants
+        ])
+    log(f"catalog, teams, users, keys, grants and lots: {time.monotonic() - started:.1f}s")
+
+    with connection.cursor() as cur:
+        cur.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'usage_ledgerentry' "
+                    "AND indexdef NOT LIKE 'CREATE UNIQUE%%'")
+        plain_indexes = cur.fetchall()
+
+    stamp = _Stamp()
+    t0 = time.monotonic()
+    written = 0
+    next_report = 500_000
+    cols = ('team_id, product_id, lot_id, grant_id, kind, delta, amount, occurred_at, recorded_at, actor, '
+            'actor_api_key_id, "user", service, job_id, note')
+    grant_at = stamp(int(grant_start.timestamp()))
+    with transaction.atomic(), connection.cursor() as cur:
+        # The bulk load checks foreign keys by construction, not row by row (RI triggers off
+        # for this transaction); plain indexes are rebuilt after the load.
+        cur.execute("SET LOCAL session_replication_role = replica")
+        for name, _ in plain_indexes:
+            cur.execute(f'DROP INDEX "{name}"')
+        with cur.cursor.copy(f"COPY usage_ledgerentry ({cols}) FROM STDIN") as copy:
+            buf = []
+            for g in grants:
+                buf.append(f"{g.team_id}\t{g.product_id}\t\\N\t{g.pk}\tgrant\t{g.quantity}\t{g.quantity}\t{grant_at}\t"
+                           f"{grant_at}\tsystem\t\\N\t\t\t\tbench seed\n")
+            copy.write("".join(buf))
+            written += len(buf)
+            for h, ((t, _p), n) in enumerate(zip(holdings, counts, strict=True)):
+                lot = lots[h]
+                head = f"{lot.team_id}\t{lot.product_id}\t{lot.pk}\t{lot.grant_id}\tconsume\t"
+                actor = f"api_key:{keys[t].prefix}\t{keys[t].pk}\t"
+                slug = team_slug(t)
+                users_ = [f"user{j}@{slug}.example" for j in range(4)]
+                span = usage_end - usage_start
+                buf = []
+                for i in range(n):
+                    a = AMOUNTS[i % 10]
+                    ts = stamp(usage_start + (i * span) // n)
+                    job = f"job-{h}-{i}" if i % 10 == 0 else ""
+                    buf.append(f"{head}-{a}\t{a}\t{ts}\t{ts}\t{actor}{users_[(i // 50) % 4]}\t"
+                               f"{SERVICES[(i // 20) % 5]}\t{job}\t\n")
+                    if len(buf) >= 20_000:
+                        copy.write("".join(buf))
+                        written += len(buf)
+                        buf = []
+                if buf:
+                    copy.write("".join(buf))
+                    written += len(buf)
+                if written >= next_report:
+                    rate = written / (time.monotonic() - t0)
+                    log(f"ledger COPY {written:,}/{plan.ledger_rows:,} rows ({rate:,.0f} rows/s, "
+                        f"~{(plan.ledger_rows - written) / rate:.0f}s left)")
+                    next_report += 500_000
+    log(f"ledger COPY done: {written:,} rows in {time.monotonic() - t0:.1f}s")
+
+    def step(label: str, sql: str) -> int:
+        t = time.monotonic()
+        with connection.cursor() as cur:
+            cur.execute(sql)
+            n = cur.rowcount
+        log(f"{label}: {time.monotonic() - t:.1f}s")
+        return n
+
+    with connection.cursor() as cur:
+        cur.execute("SET maintenance_work_mem = '512MB'")
+        cur.execute("SET work_mem = '256MB'")
+    for name, ddl in plain_indexes:
+        step(f"index {name}", ddl)
+    step("lots: remaining = quantity + sum(deltas)",
+         "UPDATE products_lot lo SET remaining = lo.quantity + x.s FROM ("
+         " SELECT lot_id, sum(delta) AS s FROM usage_ledgerentry WHERE lot_id IS NOT NULL GROUP BY lot_id"
+         ") x WHERE x.lot_id = lo.id")
+    n_breakdown = step("daily breakdowns from the ledger (team time zone)",
+         'INSERT INTO usage_dailybreakdown (team_id, product_id, day, service, "user", consumed, refunded, '
+         "checked_out, returned, raw_usage) "
+         "SELECT l.team_id, l.product_id, (l.occurred_at AT TIME ZONE t.timezone)::date, l.service, l.\"user\", "
+         "sum(l.amount), 0, 0, 0, 0 FROM usage_ledgerentry l JOIN teams_team t ON t.id = l.team_id "
+         "WHERE l.kind = 'consume' GROUP BY 1, 2, 3, 4, 5")
+    n_rollup = step("daily rollups from the breakdowns",
+         "INSERT INTO usage_dailyrollup (team_id, product_id, day, consumed, refunded, checked_out, returned, "
+         "raw_usage, peak_checked_out, closing_checked_out) "
+         "SELECT team_id, product_id, day, sum(consumed), 0, 0, 0, 0, 0, 0 FROM usage_dailybreakdown "
+         "GROUP BY 1, 2, 3")
+
+    t = time.monotonic()
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM products_lot lo LEFT JOIN ("
+            " SELECT lot_id, sum(delta) AS s FROM usage_ledgerentry WHERE lot_id IS NOT NULL GROUP BY lot_id"
+            ") x ON x.lot_id = lo.id WHERE lo.quantity + coalesce(x.s, 0) <> lo.remaining OR lo.remaining < 0")
+        drift = cur.fetchone()[0]
+        cur.execute("SELECT (SELECT coalesce(sum(amount), 0) FROM usage_ledgerentry WHERE kind = 'consume'), "
+                    "(SELECT coalesce(sum(consumed), 0) FROM usage_dailyrollup), "
+                    "(SELECT count(*) FROM usage_ledgerentry)")
+        ledger_sum, rollup_sum, ledger_count = cur.fetchone()
+    if drift or ledger_sum != rollup_sum or ledger_count != plan.ledger_rows:
+        sys.exit(f"bench: seeded data is inconsistent (lot drift {drift}, ledger {ledger_sum} vs rollups "
+                 f"{rollup_sum}, {ledger_count} rows)")
+    log(f"verified: every lot's remaining matches its ledger, rollups match the ledger "
+        f"({time.monotonic() - t:.1f}s)")
+    step("vacuum analyze", "VACUUM (ANALYZE)")
+
+    load_targets = []  # [raw key, product code] for consumes: healthy balances of teams 2+
+    batch_targets: dict[int, list] = {}
+    for (t, p) in holdings:
+        if t >= 2 and not is_low(t, p):
+            load_targets.append([raw_keys[t], product_code(p)])
+            batch_targets.setdefault(t, [raw_keys[t], []])[1].append(product_code(p))
+    copy_lots = [[lot.team_id, lot.product_id, lot.pk, lot.grant_id, keys[t].pk, keys[t].prefix]
+                 for (t, _p), lot in zip(holdings, lots, strict=True) if t >= 2][:200]
+    meta = {
+        "seeded_at": now.isoformat(),
+        "seed_seconds": round(time.monotonic() - started, 1),
+        "teams": plan.teams,
+        "holdings": len(holdings),
+        "ledger_rows": plan.ledger_rows,
+        "big_events": plan.big_events,
+        "rollup_rows": n_rollup,
+        "breakdown_rows": n_breakdown,
+        "big_team": team_slug(0),
+        "big_team_admin": "bench-admin-0000",
+        "small_team": team_slug(1),
+        "small_team_admin": "bench-admin-0001",
+        "big_product": product_code(0),
+        "load_targets": load_targets,
+        "batch_targets": list(batch_targets.values()),
+        "copy_lots": copy_lots,
+    }
+    log(f"seeded in {meta['seed_seconds']:.0f}s")
+    return meta
