@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 from django.core import mail
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from products.models import TeamProduct
@@ -199,3 +199,15 @@ def test_concurrent_checkers_send_one_email(require_postgres, world):
     assert errors == []
     assert sorted(k for r in results for k in r) == ["empty", "low"]
     assert len(mail.outbox) == 1
+
+
+@pytest.mark.django_db
+def test_alerts_after_write_checks_on_commit(world, django_capture_on_commit_callbacks):
+    make_grant(world["team"], world["tokens"], 10)
+    with django_capture_on_commit_callbacks(execute=True):
+        with transaction.atomic():
+            consume(world, 9)
+            tasks.alerts_after_write(team_id=world["team"].pk, product_id=world["tokens"].pk)
+            assert mail.outbox == []  # nothing before the commit
+    assert len(mail.outbox) == 1 and "running low" in mail.outbox[0].subject
+    assert tasks.alerts_check_balance.delay(world["other"].pk, world["tokens"].pk).get() == []  # never granted

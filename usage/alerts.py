@@ -149,5 +149,9 @@ def alerts_check_team_product(*, team_product_id: int, now: datetime | None = No
     return fired
 
 
+def team_product_id(*, team_id: int, product_id: int) -> int | None:
+    return TeamProduct.objects.filter(team_id=team_id, product_id=product_id).values_list("pk", flat=True).first()
+
+
 def balances_to_check() -> list[int]:
     return list(TeamProduct.objects.order_by("pk").values_list("pk", flat=True))

@@ -116,6 +116,20 @@ def alerts_check_team_product(team_product_id: int) -> list[str]:
     return alerts.alerts_check_team_product(team_product_id=team_product_id)
 
 
+@shared_task(name="usage.alerts_check_balance")
+def alerts_check_balance(team_id: int, product_id: int) -> list[str]:
+    tp_id = alerts.team_product_id(team_id=team_id, product_id=product_id)
+    return [] if tp_id is None else alerts.alerts_check_team_product(team_product_id=tp_id)
+
+
+def alerts_after_write(*, team_id: int, product_id: int) -> None:
+    """For callers of the usage services (API, views): check this balance's alerts once the write commits.
+
+    Optional: the 5-minute beat checks every balance anyway; this only makes the email prompt.
+    """
+    enqueue(alerts_check_balance, team_id, product_id)
+
+
 @shared_task(name="usage.alerts_check_due")
 def alerts_check_due() -> int:
     ids = alerts.balances_to_check()
