@@ -205,3 +205,51 @@ def test_periodic_runner_runs_each_job_only_when_due():
     assert runner.due() == ["a", "b"]
     runner.last_run = dict.fromkeys(runner.entries, timezone.now() - timedelta(seconds=5))
     assert runner.due() == ["b"]
+
+
+def test_make_run_server_does_the_periodic_work_without_redis(tmp_path):
+    """`make run` = runserver_with_periodic: pages are served and due refreshes get written, no Redis."""
+    import os
+    import socket
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    db = tmp_path / "run.sqlite3"
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTEST_VERSION", "REDIS_URL", "DATABASE_URL"}}
+    env["DATABASE_URL"] = f"sqlite:///{db}"
+    manage = [sys.executable, "manage.py"]
+    setup = (
+        "from django.core.management import call_command; call_command('migrate', verbosity=0); "
+        "from datetime import timedelta; from django.utils import timezone; "
+        "from products.models import Refresh; from tests.factories import ProductFactory, TeamFactory, make_grant; "
+        "s = timezone.now() - timedelta(days=40); "
+        "make_grant(TeamFactory(slug='acme'), ProductFactory(code='cloud-tokens'), 100, refresh=Refresh.MONTHLY, "
+        "starts_at=s, ends_at=s + timedelta(days=365), now=s + timedelta(hours=1))"
+    )
+    subprocess.run([*manage, "shell", "-c", setup], cwd=root, env=env, check=True, timeout=120)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([*manage, "runserver_with_periodic", f"127.0.0.1:{port}", "--interval", "1"],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        kinds: list = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with sqlite3.connect(db) as conn:
+                kinds = [k for (k,) in conn.execute("SELECT kind FROM usage_ledgerentry ORDER BY id")]
+            if "refresh" in kinds:
+                break
+            time.sleep(0.5)
+        assert kinds == ["grant", "expire", "refresh"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=30)[0].decode()
+    assert "Periodic jobs running in-process" in output

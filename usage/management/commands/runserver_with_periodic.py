@@ -14,6 +14,8 @@ import threading
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
+from capacity_portal.celery import app
+
 from .run_periodic import PeriodicRunner
 
 
@@ -26,11 +28,16 @@ class Command(BaseCommand):
 
     def handle(self, *args, addrport: str, interval: float, **options):
         stop = threading.Event()
-        runner = PeriodicRunner()
-        thread = threading.Thread(target=runner.loop, kwargs={"interval": interval, "stop": stop},
-                                  name="periodic-jobs", daemon=True)
-        thread.start()
-        self.stdout.write(f"Periodic jobs running in-process (schedule checked every {interval:g}s).")
+        if app.conf.task_always_eager:
+            runner = PeriodicRunner()
+            thread = threading.Thread(target=runner.loop, kwargs={"interval": interval, "stop": stop},
+                                      name="periodic-jobs", daemon=True)
+            thread.start()
+            self.stdout.write(f"Periodic jobs running in-process (schedule checked every {interval:g}s).")
+        else:
+            # With a broker (REDIS_URL) the fan-out would only queue messages: use the real thing.
+            self.stdout.write("REDIS_URL is set: periodic jobs are NOT run in-process; start "
+                              "`celery -A capacity_portal worker` and `celery -A capacity_portal beat`.")
         try:
             call_command("runserver", addrport, use_reloader=False)
         finally:
