@@ -237,6 +237,7 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE: dict = {
     "balances-refresh-due": {"task": "usage.balances_refresh_due", "schedule": 60 * 60},
     "alerts-check-due": {"task": "usage.alerts_check_due", "schedule": 5 * 60},
+    "alerts-check-all": {"task": "usage.alerts_check_all", "schedule": 24 * 60 * 60},
     "rollups-verify-recent": {"task": "usage.rollups_verify_recent", "schedule": 60 * 60},
     "ledger-reconcile": {"task": "usage.ledger_reconcile", "schedule": 24 * 60 * 60},
     "events-prune": {"task": "usage.events_prune", "schedule": 24 * 60 * 60},
