@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from products.models import TeamProduct
 from products.services import grant_revoke
-from usage import alerts, tasks
+from usage import alerts, periodic, tasks
 from usage.actors import Actor
 from usage.models import AlertState
 from usage.services import usage_checkout, usage_consume, usage_return
@@ -172,6 +172,17 @@ def test_beat_fans_out_over_every_balance(world, django_capture_on_commit_callba
     with django_capture_on_commit_callbacks(execute=True):
         assert tasks.alerts_check_due.delay().get() == 2
     assert len(mail.outbox) == 1 and mail.outbox[0].to == [world["outsider"].email]
+
+
+@pytest.mark.django_db
+def test_the_5_minute_check_looks_only_at_recent_writes(world, django_capture_on_commit_callbacks):
+    make_grant(world["team"], world["tokens"], 10, ends_at=timezone.now() + timedelta(days=20))
+    tp = TeamProduct.objects.get()
+    assert periodic.balances_touched_since(timezone.now() - timedelta(minutes=10)) == [tp.pk]
+    assert periodic.balances_touched_since(timezone.now() + timedelta(minutes=1)) == []
+    with django_capture_on_commit_callbacks(execute=True):
+        assert tasks.alerts_check_all.delay().get() == 1  # the daily sweep: every balance
+    assert len(mail.outbox) == 1 and "grant ending soon" in mail.outbox[0].subject
 
 
 @pytest.mark.django_db(transaction=True)

@@ -62,7 +62,7 @@ def test_every_task_twice_gives_the_same_ledger(world, django_capture_on_commit_
     usage_consume(team=world["team"], product=world["tokens"], quantity=95, idempotency_key=key(),
                   actor=Actor.system())
     beat = [tasks.balances_refresh_due, tasks.rollups_verify_recent, tasks.ledger_reconcile,
-            tasks.alerts_check_due, tasks.events_prune]
+            tasks.alerts_check_due, tasks.alerts_check_all, tasks.events_prune]
     with django_capture_on_commit_callbacks(execute=True):
         for task in beat:
             task.delay()

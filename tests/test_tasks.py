@@ -127,7 +127,7 @@ def test_rollup_verify_finds_nothing_on_a_clean_ledger(world, django_capture_on_
     tp, today = _used_today(world)
     job_refund(team=world["team"], job_id="job-1", idempotency_key=key(), actor=periodic.PERIODIC_ACTOR)
     with django_capture_on_commit_callbacks(execute=True):
-        assert tasks.rollups_verify_recent.delay().get() == 2  # today and yesterday of one balance
+        assert tasks.rollups_verify_recent.delay().get() == 1  # one balance, one local day touched
     assert not Drift.objects.exists()
     assert periodic.rollup_from_ledger(tp, today) == {"consumed": 7, "refunded": 7, "checked_out": 0, "returned": 0}
 
@@ -145,6 +145,23 @@ def test_rollup_drift_is_logged_fixed_and_recorded_once(world, caplog):
     assert (d.kind, d.fixed, d.day) == (Drift.Kind.ROLLUP, True, today)
     assert periodic.rollup_verify(team_product_id=tp.pk, day=today) is None  # rerun: nothing left
     assert Drift.objects.count() == 1
+
+
+def test_back_dated_usage_gets_its_day_verified(world, django_capture_on_commit_callbacks):
+    make_grant(world["team"], world["tokens"], 100, days=400, starts_at=timezone.now() - timedelta(days=30))
+    ten_days_ago = timezone.now() - timedelta(days=10)
+    usage_consume(team=world["team"], product=world["tokens"], quantity=4, idempotency_key=key(),
+                  actor=periodic.PERIODIC_ACTOR, occurred_at=ten_days_ago)
+    day = timezone.localdate(ten_days_ago, world["team"].tzinfo)
+    tp = TeamProduct.objects.get()
+    assert periodic.rollups_recent_units(now=timezone.now()) == [(tp.pk, day)]
+    DailyRollup.objects.filter(day=day).update(consumed=0)
+    with django_capture_on_commit_callbacks(execute=True):
+        tasks.rollups_verify_recent.delay()
+    assert DailyRollup.objects.get(day=day).consumed == 4
+    assert Drift.objects.get().day == day
+    # Rows recorded long ago are not re-verified every hour.
+    assert periodic.rollups_recent_units(now=timezone.now() + timedelta(hours=3)) == []
 
 
 def test_rollup_catch_up_creates_a_missing_day(world):
@@ -193,7 +210,7 @@ def test_run_periodic_once_does_the_work_in_process(world, django_capture_on_com
     grant = monthly_grant_40_days_old(world)
     with django_capture_on_commit_callbacks(execute=True):
         call_command("run_periodic", "--once")
-    assert "ran 5 periodic jobs" in capsys.readouterr().out
+    assert "ran 6 periodic jobs" in capsys.readouterr().out
     assert LedgerEntry.objects.filter(grant=grant, kind=Kind.REFRESH).count() == 1
 
 

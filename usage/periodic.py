@@ -21,7 +21,7 @@ from datetime import date, datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, OuterRef, Q, Sum
+from django.db.models import Exists, Max, Min, OuterRef, Q, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -148,18 +148,51 @@ def rollup_verify(*, team_product_id: int, day: date, now: datetime | None = Non
     return {"expected": expected, "actual": actual}
 
 
-def rollups_recent_units(*, now: datetime, days: int = 2) -> list[tuple[int, date]]:
-    """(balance, local day) pairs for the last ``days`` local days of every balance with ledger rows then."""
-    since = now - timedelta(days=days + 1)
-    active = (
-        TeamProduct.objects.filter(Exists(LedgerEntry.objects.filter(
-            team_id=OuterRef("team_id"), product_id=OuterRef("product_id"), occurred_at__gte=since)))
-        .select_related("team").order_by("pk")
+def recorded_since(since: datetime):
+    """Ledger rows recorded at or after ``since``, found without a recorded_at index."""
+    # Ids grow with recorded_at: walking the primary key backwards from the newest row to
+    # the first one recorded before ``since`` reads only the recent rows.
+    boundary = LedgerEntry.objects.filter(recorded_at__lt=since).order_by("-pk").values_list("pk", flat=True).first()
+    return LedgerEntry.objects.filter(pk__gt=boundary or 0, recorded_at__gte=since)
+
+
+def balances_touched_since(since: datetime) -> list[int]:
+    """Balances with ledger rows recorded since ``since`` (writes, refreshes, expiries, grants)."""
+    pairs = set(recorded_since(since).values_list("team_id", "product_id").distinct())
+    if not pairs:
+        return []
+    return sorted(
+        tp.pk for tp in TeamProduct.objects.filter(team_id__in={t for t, _ in pairs}).only("pk", "team_id", "product_id")
+        if (tp.team_id, tp.product_id) in pairs
     )
+
+
+def rollups_recent_units(*, now: datetime, lookback: timedelta = timedelta(hours=2)) -> list[tuple[int, date]]:
+    """(balance, local day) pairs touched by ledger rows recorded in the last ``lookback``.
+
+    Keyed on ``recorded_at``, so back-dated usage (``occurred_at`` up to weeks ago) gets
+    its own day verified too. The hourly beat looks back two hours: runs overlap.
+    """
+    touched = (
+        recorded_since(now - lookback).filter(kind__in=[kind for kind, _ in ROLLUP_FROM_LEDGER.values()])
+        .values("team_id", "product_id")
+        .annotate(first=Min("occurred_at"), last=Max("occurred_at"))
+        .order_by("team_id", "product_id")
+    )
+    ranges = {(row["team_id"], row["product_id"]): (row["first"], row["last"]) for row in touched}
+    if not ranges:
+        return []
     units = []
-    for tp in active:
-        today = now.astimezone(tp.team.tzinfo).date()
-        units.extend((tp.pk, today - timedelta(days=i)) for i in range(days))
+    balances = TeamProduct.objects.filter(team_id__in={t for t, _ in ranges}).select_related("team").order_by("pk")
+    for tp in balances:
+        span = ranges.get((tp.team_id, tp.product_id))
+        if span is None:
+            continue
+        tz = tp.team.tzinfo
+        day, last = span[0].astimezone(tz).date(), span[1].astimezone(tz).date()
+        while day <= last:
+            units.append((tp.pk, day))
+            day += timedelta(days=1)
     return units
 
 

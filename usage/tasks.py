@@ -10,7 +10,7 @@ task is idempotent. The schedule is ``CELERY_BEAT_SCHEDULE`` in settings.
 from __future__ import annotations
 
 import logging
-from datetime import date
+from datetime import date, timedelta
 
 from celery import shared_task
 from django.db import transaction
@@ -132,6 +132,16 @@ def alerts_after_write(*, team_id: int, product_id: int) -> None:
 
 @shared_task(name="usage.alerts_check_due")
 def alerts_check_due() -> int:
+    """Every 5 minutes: the balances written in the last 10 (runs overlap)."""
+    ids = periodic.balances_touched_since(timezone.now() - timedelta(minutes=10))
+    for tp_id in ids:
+        enqueue(alerts_check_team_product, tp_id)
+    return len(ids)
+
+
+@shared_task(name="usage.alerts_check_all")
+def alerts_check_all() -> int:
+    """Daily: every balance (grants entering their last 30 days change nothing in the ledger)."""
     ids = alerts.balances_to_check()
     for tp_id in ids:
         enqueue(alerts_check_team_product, tp_id)
