@@ -239,6 +239,7 @@ CELERY_BEAT_SCHEDULE: dict = {
     "alerts-check-due": {"task": "usage.alerts_check_due", "schedule": 5 * 60},
     "alerts-check-all": {"task": "usage.alerts_check_all", "schedule": 24 * 60 * 60},
     "rollups-verify-recent": {"task": "usage.rollups_verify_recent", "schedule": 60 * 60},
+    "rollups-verify-day": {"task": "usage.rollups_verify_recent", "schedule": 24 * 60 * 60, "args": (26,)},
     "ledger-reconcile": {"task": "usage.ledger_reconcile", "schedule": 24 * 60 * 60},
     "events-prune": {"task": "usage.events_prune", "schedule": 24 * 60 * 60},
 }
