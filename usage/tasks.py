@@ -83,8 +83,9 @@ def rollup_verify(team_product_id: int, day: str) -> bool:
 
 
 @shared_task(name="usage.rollups_verify_recent")
-def rollups_verify_recent() -> int:
-    units = periodic.rollups_recent_units(now=timezone.now())
+def rollups_verify_recent(hours: int = 2) -> int:
+    """Hourly with 2 hours of lookback; daily with 26 (catches up after a beat outage)."""
+    units = periodic.rollups_recent_units(now=timezone.now(), lookback=timedelta(hours=hours))
     for tp_id, day in units:
         enqueue(rollup_verify, tp_id, day.isoformat())
     return len(units)

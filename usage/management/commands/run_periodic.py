@@ -42,24 +42,24 @@ class PeriodicRunner:
             sched = entry["schedule"]
             if isinstance(sched, int | float | timedelta):
                 sched = interval_schedule(run_every=sched if isinstance(sched, timedelta) else timedelta(seconds=sched))
-            self.entries[name] = (entry["task"], sched)
+            self.entries[name] = (entry["task"], sched, tuple(entry.get("args", ())))
         self.last_run: dict[str, datetime | None] = dict.fromkeys(self.entries)
 
     def due(self) -> list[str]:
         names = []
-        for name, (_, sched) in self.entries.items():
+        for name, (_, sched, _args) in self.entries.items():
             last = self.last_run[name]
             if last is None or sched.is_due(last).is_due:
                 names.append(name)
         return names
 
     def run_job(self, name: str) -> None:
-        task_name, _ = self.entries[name]
+        task_name, _, args = self.entries[name]
         self.last_run[name] = timezone.now()
         _close_old_connections()
         try:
             # apply(): run here, eagerly, whatever the broker setting (fan-out included when eager).
-            app.tasks[task_name].apply(throw=True)
+            app.tasks[task_name].apply(args=args, throw=True)
         except Exception:
             logger.exception("periodic job %s (%s) failed; it runs again when next due", name, task_name)
         finally:
