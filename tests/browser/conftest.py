@@ -49,8 +49,10 @@ class PageLog:
         return self.console_errors + self.page_errors
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium_path):
+    # Module scope, not session: while Playwright is started, this thread has a running
+    # asyncio loop, which later (non-browser) tests must not inherit.
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
