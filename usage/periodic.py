@@ -80,9 +80,10 @@ def balance_refresh(*, team_product_id: int, now: datetime | None = None) -> Ref
     with transaction.atomic():
         locked = lock_team_product(tp.team, tp.product)
         expired = expire_lots(locked, now=now, actor=PERIODIC_ACTOR)
-        before = LedgerEntry.objects.filter(team_id=tp.team_id, product_id=tp.product_id, kind=Kind.REFRESH).count()
+        lots = Lot.objects.filter(team_id=tp.team_id, product_id=tp.product_id)
+        before = lots.count()
         ensure_current_lots(locked, tp.team, now=now, actor=PERIODIC_ACTOR)
-        after = LedgerEntry.objects.filter(team_id=tp.team_id, product_id=tp.product_id, kind=Kind.REFRESH).count()
+        after = lots.count()
     result = RefreshResult(expired=len(expired), refreshed=after - before)
     if result.expired or result.refreshed:
         logger.info("balance %s (%s/%s): %d expired, %d refreshed", tp.pk, tp.team.slug, tp.product.code,
