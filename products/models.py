@@ -73,6 +73,9 @@ class TeamProduct(models.Model):
     product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="team_products")
     metered_carry = models.BigIntegerField(default=0, help_text="Raw usage not yet charged.")
     checked_out = models.BigIntegerField(default=0, help_text="Capacity currently checked out.")
+    # Cache for the write path: when the next monthly lot may be due (see ensure_current_lots).
+    refresh_checked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    refresh_due_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = TeamProductQuerySet.as_manager()

@@ -16,7 +16,7 @@ from usage.errors import IdempotencyConflict, InvalidRequest
 from usage.ledger import close_lot, create_lot, lock_team_product
 from usage.models import Event, Kind
 
-from .models import Grant, Lot, Product, Refresh, Source
+from .models import Grant, Lot, Product, Refresh, Source, TeamProduct
 from .periods import _add_months, period_bounds, period_count, period_index_at
 
 # Tokens per licence per subscription term (seed: cloud tokens FAQ).
@@ -108,11 +108,13 @@ def grant_create(
     else:
         k, start, end = 0, starts_at, ends_at
     create_lot(grant, k=k, start=start, end=end, kind=Kind.GRANT, actor=actor, event=event)
+    if refresh == Refresh.MONTHLY:
+        # A new monthly grant brings new period boundaries: the next write rechecks them.
+        TeamProduct.objects.filter(pk=tp.pk).update(refresh_checked_at=None, refresh_due_at=None)
     if event:
         event.status_code = 201
         event.response = {"grant_id": grant.pk}
         event.save(update_fields=["status_code", "response"])
-    del tp
     return grant
 
 

@@ -309,3 +309,18 @@ def test_one_primary_admin_per_team(world):
 
     with pytest.raises(IntegrityError), transaction.atomic():
         Membership.objects.create(team=world["team"], user=UserFactory(), role=Role.PRIMARY_ADMIN)
+
+
+def test_monthly_grant_starting_later_refreshes_after_it_starts(world, api_actor):
+    team, tokens = world["team"], world["tokens"]
+    make_grant(team, tokens, 10, now=NOW)  # an ordinary grant, so writes happen before the monthly one starts
+    starts = NOW + timedelta(days=5)
+    make_grant(team, tokens, 100, refresh=Refresh.MONTHLY, starts_at=starts, ends_at=starts + timedelta(days=200),
+               now=NOW)
+    consume(team, tokens, 1, api_actor)  # before the monthly grant starts: caches the next boundary
+    in_first = starts + timedelta(days=3)
+    assert consume(team, tokens, 50, api_actor, now=in_first).body["available"] == 59
+    in_second = starts + timedelta(days=40)  # first period ended: a fresh lot of 100, nothing rolls over
+    out = consume(team, tokens, 1, api_actor, now=in_second)
+    assert (out.body["available"], out.body["total"]) == (9 + 99, 10 + 100)
+    assert lot_invariant_holds()

@@ -7,11 +7,10 @@ locked the (team, product) row with :func:`lock_team_product`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
-from django.db.models.functions import Greatest
 
 from products.models import SOURCE_PRIORITY, Grant, Lot, Product, Refresh, TeamProduct
 from products.periods import local_date, period_bounds, period_index_at
@@ -19,6 +18,9 @@ from teams.models import Team
 
 from .actors import Actor
 from .models import DailyBreakdown, DailyRollup, Event, Kind, LedgerEntry
+
+# "No monthly boundary ahead": far enough to never be reached, valid in every database.
+NEVER_DUE = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 def lock_team_product(team: Team, product: Product) -> TeamProduct:
@@ -67,32 +69,49 @@ def close_lot(lot: Lot, *, kind: str, at: datetime, now: datetime, actor: Actor,
     return [entry]
 
 
-def ensure_current_lots(tp: TeamProduct, team: Team, *, now: datetime, actor: Actor) -> None:
+def ensure_current_lots(tp: TeamProduct, team: Team, *, now: datetime, actor: Actor) -> bool:
     """Create the lot of the current period for every active monthly grant (lazily).
 
     Period 0 lots are created with the grant; later periods appear here, or in the
     monthly refresh task, with a ``refresh`` row. The unique (grant, period_start)
-    constraint makes a concurrent creation a no-op.
+    constraint makes a concurrent creation a no-op. ``tp.refresh_due_at`` caches
+    the next period start of any monthly grant, so the hot path skips the grant
+    query until a boundary passes (a new monthly grant clears the cache).
+    Returns True when it created a lot.
     """
+    checked, due = tp.refresh_checked_at, tp.refresh_due_at
+    if checked is not None and due is not None and checked <= now < due:
+        return False
     grants = list(
         Grant.objects.filter(team_id=tp.team_id, product_id=tp.product_id, refresh=Refresh.MONTHLY)
-        .active_at(now)
+        .unrevoked()
+        .filter(ends_at__gt=now)
     )
-    if not grants:
-        return
     tz = team.tzinfo
     wanted = {}
+    next_due = NEVER_DUE
     for grant in grants:
+        if grant.starts_at > now:  # starts later: its first lot exists, look again when it starts
+            next_due = min(next_due, grant.starts_at)
+            continue
         k = period_index_at(grant.starts_at, tz, now)
         start, end = period_bounds(grant.starts_at, grant.ends_at, tz, k)
         wanted[(grant.pk, start)] = (grant, k, start, end)
-    existing = set(
-        Lot.objects.filter(grant_id__in=[g.pk for g in grants], period_start__in=[w[2] for w in wanted.values()])
-        .values_list("grant_id", "period_start")
-    )
-    for key, (grant, k, start, end) in wanted.items():
-        if key not in existing:
-            create_lot(grant, k=k, start=start, end=end, kind=Kind.REFRESH if k else Kind.GRANT, actor=actor)
+        if end < grant.ends_at:
+            next_due = min(next_due, end)
+    created = False
+    if wanted:
+        existing = set(
+            Lot.objects.filter(grant_id__in=[w[0].pk for w in wanted.values()], period_start__in=[w[2] for w in wanted.values()])
+            .values_list("grant_id", "period_start")
+        )
+        for key, (grant, k, start, end) in wanted.items():
+            if key not in existing:
+                kind = Kind.REFRESH if k else Kind.GRANT
+                created = create_lot(grant, k=k, start=start, end=end, kind=kind, actor=actor) is not None or created
+    TeamProduct.objects.filter(pk=tp.pk).update(refresh_checked_at=now, refresh_due_at=next_due)
+    tp.refresh_checked_at, tp.refresh_due_at = now, next_due
+    return created
 
 
 def create_lot(grant: Grant, *, k: int, start: datetime, end: datetime, kind: str, actor: Actor,
@@ -128,11 +147,23 @@ def active_lots_for_update(tp: TeamProduct, *, now: datetime) -> list[Lot]:
 
 
 def prepare_balance(team: Team, product: Product, *, now: datetime, actor: Actor) -> tuple[TeamProduct, list[Lot]]:
-    """Lock a balance, write due expiries and refreshes, return its payable lots."""
+    """Lock a balance, write due expiries and refreshes, return its payable lots.
+
+    One locked read of the open lots serves both the expiry pass and the payment
+    (the hot path: lock row, open lots, then the write itself).
+    """
     tp = lock_team_product(team, product)
-    expire_lots(tp, now=now, actor=actor)
-    ensure_current_lots(tp, team, now=now, actor=actor)
-    return tp, active_lots_for_update(tp, now=now)
+    open_lots = list(
+        Lot.objects.filter(team_id=tp.team_id, product_id=tp.product_id, closed_at__isnull=True,
+                           period_start__lte=now)
+        .select_for_update()
+        .in_consumption_order()
+    )
+    for lot in sorted((lot for lot in open_lots if lot.expires_at <= now), key=lambda lot: lot.pk):
+        close_lot(lot, kind=Kind.EXPIRE, at=lot.expires_at, now=now, actor=actor)
+    if ensure_current_lots(tp, team, now=now, actor=actor):
+        return tp, active_lots_for_update(tp, now=now)
+    return tp, [lot for lot in open_lots if lot.expires_at > now]
 
 
 def plan_draw(lots: Iterable[Lot], quantity: int) -> list[tuple[Lot, int]]:
@@ -180,36 +211,47 @@ def rollup_add(team: Team, product_id: int, *, at: datetime, service: str = "", 
                level: int | None = None, **amounts: int) -> None:
     """Add amounts to the day's rollup and breakdown rows (same transaction as the write)."""
     amounts = {k: v for k, v in amounts.items() if v}
+    unknown = set(amounts) - set(ROLLUP_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown rollup fields {sorted(unknown)}")
     if not amounts and level is None:
         return
     day = local_date(at, team.tzinfo)
-    _upsert(
-        DailyRollup, dict(team_id=team.pk, product_id=product_id, day=day), amounts, level=level
-    )
+    _upsert(DailyRollup, {"team_id": team.pk, "product_id": product_id, "day": day}, amounts, level=level)
     if amounts:
         _upsert(
             DailyBreakdown,
-            dict(team_id=team.pk, product_id=product_id, day=day, service=service or "", user=user or ""),
+            {"team_id": team.pk, "product_id": product_id, "day": day, "service": service or "", "user": user or ""},
             amounts,
         )
 
 
 def _upsert(model, key: dict, amounts: dict, *, level: int | None = None) -> None:
-    updates = {name: F(name) + value for name, value in amounts.items()}
+    """``INSERT ... ON CONFLICT (key) DO UPDATE SET x = x + excluded.x``: one statement.
+
+    Field names come from ROLLUP_FIELDS and the key dicts above, never from input.
+    """
+    connection = transaction.get_connection()
+    qn = connection.ops.quote_name
+    table = qn(model._meta.db_table)
+    values = {**key, **{name: amounts.get(name, 0) for name in ROLLUP_FIELDS}}
+    sets = [f"{qn(name)} = {table}.{qn(name)} + excluded.{qn(name)}" for name in ROLLUP_FIELDS if name in amounts]
     if level is not None:
-        updates["peak_checked_out"] = Greatest(F("peak_checked_out"), level)
-        updates["closing_checked_out"] = level
-    if model.objects.filter(**key).update(**updates):
-        return
-    initial = dict(amounts)
-    if level is not None:
-        initial["peak_checked_out"] = level
-        initial["closing_checked_out"] = level
-    try:
-        with transaction.atomic():
-            model.objects.create(**key, **initial)
-    except IntegrityError:  # created meanwhile by a writer of another balance's day
-        model.objects.filter(**key).update(**updates)
+        values["peak_checked_out"] = level
+        values["closing_checked_out"] = level
+        greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
+        sets.append(f'{qn("peak_checked_out")} = {greatest}({table}.{qn("peak_checked_out")}, excluded.{qn("peak_checked_out")})')
+        sets.append(f'{qn("closing_checked_out")} = excluded.{qn("closing_checked_out")}')
+    elif model is DailyRollup:
+        values["peak_checked_out"] = values["closing_checked_out"] = 0
+    columns = ", ".join(qn(c) for c in values)
+    placeholders = ", ".join(["%s"] * len(values))
+    conflict = ", ".join(qn(c) for c in key)
+    sql = (f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) "
+           f"ON CONFLICT ({conflict}) DO UPDATE SET {', '.join(sets)}")
+    params = [connection.ops.adapt_datefield_value(v) if k == "day" else v for k, v in values.items()]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def member_for(team: Team, identifier: str):
