@@ -275,7 +275,8 @@ def pages(ctx: Context, names: list[str]) -> tuple[dict, dict]:
     for label, (path, headers) in paths.items():
         warm = _script(ctx, f"{label}-warm", method="GET", path=path, expect=200, max_requests=25, threads=1,
                        headers={**cookie, **headers})
-        r = wrk.run_wrk(ctx.base_url + path, warm, connections=5, threads=1, duration_s=15, timeout_s=60)
+        # Bounded by count; the long deadline covers each worker's first request (imports, e.g. plotly).
+        r = wrk.run_wrk(ctx.base_url + path, warm, connections=5, threads=1, duration_s=120, timeout_s=60)
         _check(ctx, f"{label}_warmup", r)
     u = urlsplit(ctx.base_url)
     spec = {"mode": "pages", "host": u.hostname, "port": u.port, "rounds": ctx.latency_requests,

@@ -250,6 +250,12 @@ def seed(plan: Plan) -> dict:
          "UPDATE products_lot lo SET remaining = lo.quantity + x.s FROM ("
          " SELECT lot_id, sum(delta) AS s FROM usage_ledgerentry WHERE lot_id IS NOT NULL GROUP BY lot_id"
          ") x WHERE x.lot_id = lo.id")
+    with connection.cursor() as cur:  # rebuilt after the bulk inserts, as for the ledger
+        cur.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename IN ('usage_dailyrollup', "
+                    "'usage_dailybreakdown') AND indexdef NOT LIKE 'CREATE UNIQUE%%'")
+        rollup_indexes = cur.fetchall()
+        for name, _ in rollup_indexes:
+            cur.execute(f'DROP INDEX "{name}"')
     n_breakdown = step("daily breakdowns from the ledger (team time zone)",
          'INSERT INTO usage_dailybreakdown (team_id, product_id, day, service, "user", consumed, refunded, '
          "checked_out, returned, raw_usage) "
@@ -261,6 +267,9 @@ def seed(plan: Plan) -> dict:
          "raw_usage, peak_checked_out, closing_checked_out) "
          "SELECT team_id, product_id, day, sum(consumed), 0, 0, 0, 0, 0, 0 FROM usage_dailybreakdown "
          "GROUP BY 1, 2, 3")
+
+    for name, ddl in rollup_indexes:
+        step(f"index {name}", ddl)
 
     t = time.monotonic()
     with connection.cursor() as cur:
