@@ -18,7 +18,7 @@ from products.models import Lot, Refresh, TeamProduct
 from teams.models import ApiKey
 from usage import alerts, periodic, tasks
 from usage.actors import Actor
-from usage.models import AlertState, Drift, Kind, LedgerEntry, ReconciliationCheck
+from usage.models import AlertState, Drift, Event, Kind, LedgerEntry, ReconciliationCheck
 from usage.services import usage_consume
 
 from .conftest import key
@@ -149,7 +149,12 @@ def test_concurrent_rollup_verify_and_prune(require_postgres, world):
     assert run_in_threads(3, lambda: periodic.rollup_verify(team_product_id=tp.pk, day=day)) == []
     assert DailyRollup.objects.get(team=world["team"], product=world["tokens"], day=day).consumed == 10
     assert Drift.objects.filter(kind=Drift.Kind.ROLLUP).count() == 1
+    old = [Event.objects.create(team=world["team"], key=f"old-{i}", fingerprint="x", operation="metered").pk
+           for i in range(5)]
+    Event.objects.filter(pk__in=old).update(created_at=timezone.now() - timedelta(days=400))
+    kept = Event.objects.exclude(pk__in=old).count()
     assert run_in_threads(3, periodic.events_prune) == []
+    assert Event.objects.count() == kept and not Event.objects.filter(pk__in=old).exists()
 
 
 # -- a worker dies mid-task ---------------------------------------------------------------
