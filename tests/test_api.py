@@ -476,3 +476,20 @@ def test_rate_limit_zero_means_unlimited(acme, settings):
     settings.API_RATE_LIMIT_PER_MINUTE = 0
     for _ in range(20):
         assert acme["api"].get("/balances").status_code == 200
+
+
+def test_rate_limit_counts_in_redis_when_configured(acme, settings, require_redis):
+    """The counter shared by all workers: the same fixed window, stored in Redis."""
+    import redis
+
+    prefix = f"test-{key()}"
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": require_redis, "KEY_PREFIX": prefix}}
+    settings.API_RATE_LIMIT_PER_MINUTE = 2
+    assert acme["api"].get("/balances").status_code == 200
+    assert acme["api"].get("/balances").status_code == 200
+    limited = acme["api"].get("/balances")
+    assert_error(limited, 429, "rate_limited")
+    assert 1 <= int(limited["Retry-After"]) <= 60
+    stored = redis.Redis.from_url(require_redis).keys(f"{prefix}:*api-rate:*")
+    assert len(stored) == 1  # expires by itself (TTL 120 s); nothing else in Redis is touched

@@ -72,11 +72,6 @@ class PayloadTooLarge(UsageError):
     status_code = 413
 
 
-class Unauthorized(UsageError):
-    code = "unauthorized"
-    status_code = 401
-
-
 class RateLimited(UsageError):
     code = "rate_limited"
     status_code = 429
@@ -298,12 +293,13 @@ def _check_rate(api_key: ApiKey) -> None:
     now = time.time()
     window = int(now // 60)
     name = f"api-rate:{api_key.pk}:{window}"
-    cache.add(name, 0, timeout=120)
     try:
-        count = cache.incr(name)
-    except ValueError:  # evicted between add and incr: count this one afresh
-        cache.set(name, 1, timeout=120)
-        count = 1
+        count = cache.incr(name)  # one round trip on the hot path (atomic in Redis)
+    except ValueError:  # the window's first request
+        if cache.add(name, 1, timeout=120):
+            count = 1
+        else:  # another request created it meanwhile
+            count = cache.incr(name)
     if count > limit:
         retry_after = max(1, math.ceil((window + 1) * 60 - now))
         raise RateLimited(
