@@ -127,8 +127,9 @@ def _layout(fig: go.Figure, *, title: str, ytitle: str, xtitle: str | None = Non
             date_axis: bool = True) -> None:
     fig.update_layout(
         template="plotly_white",
-        title={"text": title, "x": 0, "xanchor": "left", "font": {"size": 15}},
-        margin={"l": 64, "r": 64 if y2title else 24, "t": 48, "b": 56},
+        # The caption is an HTML heading above the chart (it would collide with the legend on a phone).
+        meta={"caption": title},
+        margin={"l": 64, "r": 64 if y2title else 24, "t": 16, "b": 56},
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1},
         hovermode="x unified" if date_axis else "closest",
         autosize=True,
@@ -186,10 +187,25 @@ def series_figure(product: Product, table: Table, granularity: str) -> go.Figure
         charged = "Charged units" if product.metered else "Units"
         _layout(fig, title=f"{charged} consumed per {granularity}", ytitle=f"{charged} ({unit})",
                 xtitle=xtitle, y2title=y2)
+        _align_zeros(fig, top=max(table.column("consumed"), default=0), bottom=max(refunds, default=0),
+                     top2=max(table.column("raw_usage" if product.metered else "cumulative_net"), default=0))
     fig.update_xaxes(hoverformat=when)
     if granularity == "month":
         fig.update_xaxes(dtick="M1", tickformat="%b %Y")
     return fig
+
+
+def _align_zeros(fig: go.Figure, *, top: int, bottom: int, top2: int) -> None:
+    """Refunds go below zero on the left axis; put the right axis' zero on the same line."""
+    if top <= 0 or top2 <= 0:
+        return
+    pad = 1.08
+    fig.update_layout(
+        yaxis={"range": [-bottom * pad, top * pad], "autorange": False},
+        yaxis2={"range": [-bottom / top * top2 * pad, top2 * pad], "autorange": False, "tickmode": "auto"},
+    )
+    if bottom == 0:
+        fig.update_layout(yaxis={"range": [0, top * pad]}, yaxis2={"range": [0, top2 * pad]})
 
 
 def breakdown_figure(product: Product, table: Table, by: str) -> go.Figure:
@@ -215,10 +231,14 @@ def breakdown_figure(product: Product, table: Table, by: str) -> go.Figure:
         height=max(220, 80 + 34 * len(keys)),
         xaxis={"title": {"text": xtitle}, "rangemode": "tozero", "tickformat": ",d"},
         yaxis={"title": {"text": ""}, "automargin": True, "tickformat": ""},
-        margin={"l": 24, "r": 24, "t": 48, "b": 56},
+        margin={"l": 24, "r": 24, "t": 16, "b": 56},
         barmode="group" if product.is_returnable else "relative",
     )
     return fig
+
+
+def caption(fig: go.Figure) -> str:
+    return (fig.layout.meta or {}).get("caption", "")
 
 
 def figure_json(fig: go.Figure) -> str:

@@ -152,7 +152,8 @@ def product_detail(request: HttpRequest, slug: str, code: str) -> HttpResponse:
         context["table"] = table
         context["rows"] = display_rows(table)
         if not table.is_empty:
-            context["figure"] = charts.figure_json(_figure(product, table, query))
+            fig = _figure(product, table, query)
+            context["figure"], context["caption"] = charts.figure_json(fig), charts.caption(fig)
         export_url = reverse("usage:product_export", kwargs={"slug": team.slug, "code": product.code})
         context["export_url"] = f"{export_url}?{urlencode(query.params())}"
         context["export_filename"] = export_filename(team, product, query)
@@ -231,11 +232,13 @@ def my_usage(request: HttpRequest, slug: str) -> HttpResponse:
                                 user=identifier),
                 "service",
             )
-            figure = None
+            figure = caption = None
             if not table.is_empty:
-                figure = charts.figure_json(charts.series_figure(product, table, granularity))
+                fig = charts.series_figure(product, table, granularity)
+                figure, caption = charts.figure_json(fig), charts.caption(fig)
             sections.append({
                 "product": product, "granularity": granularity, "table": table, "figure": figure,
+                "caption": caption,
                 "services": services, "service_rows": display_rows(services),
                 "totals": _totals(product, buckets),
             })

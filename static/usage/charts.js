@@ -21,6 +21,12 @@
       target.setAttribute("data-rendered", "1");
       window.Plotly.newPlot(target, figure.data, figure.layout || {}, CONFIG);
     });
+    // With a chart on screen the long per-day table starts folded (it stays open without JS).
+    var tables = (root || document).querySelectorAll("details[data-js-collapse]");
+    Array.prototype.forEach.call(tables, function (el) {
+      el.removeAttribute("open");
+      el.removeAttribute("data-js-collapse");
+    });
   }
 
   if (document.readyState === "loading") {
