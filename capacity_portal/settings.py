@@ -230,6 +230,9 @@ CELERY_TASK_SOFT_TIME_LIMIT = 25 * 60
 # Visibility timeout must exceed the longest task (hard limit 30 min), else Redis
 # redelivers a task that is still running.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 2 * 60 * 60}
+# Fail fast when Redis is unreachable (a dropped, not refused, connection would otherwise
+# wait for the OS TCP timeout): enqueueing logs the failure and the request goes on.
+CELERY_BROKER_TRANSPORT_OPTIONS["socket_connect_timeout"] = 2
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = "UTC"
 # Periodic work (usage/tasks.py). Each beat task fans out one idempotent task per
