@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
     RedisError = KombuError
 
 BROKER_ERRORS = (KombuOperationalError, KombuError, RedisError, ConnectionError, OSError)
-RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 
 def send_now(task, *args) -> bool:
