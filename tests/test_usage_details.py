@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from datetime import timedelta
@@ -308,3 +309,15 @@ def test_details_page_query_count_is_constant(data, client, django_assert_max_nu
     with django_assert_max_num_queries(12):
         r = client.get(detail_url(range="12m"))
     assert r.status_code == 200
+
+
+def test_service_names_cannot_break_out_of_the_chart_json(data, client, api_actor):
+    usage_consume(team=data["team"], product=data["tokens"], quantity=5, idempotency_key=key(), actor=api_actor,
+                  service="</script><script>alert(1)</script>", user="<b>x</b>@example.com")
+    client.force_login(data["members"]["primary_admin"])
+    for view, name in (("service", "</script><script>alert(1)</script>"), ("user", "<b>x</b>@example.com")):
+        r = client.get(detail_url(view=view))
+        assert b"<script>alert(1)" not in r.content and b"<b>x</b>" not in r.content
+        # Escaped in the page, and for Plotly too (it reads <b>/<a> in labels as markup).
+        assert html.escape(name, quote=False) in figure(r)["data"][0]["y"]
+        assert html.escape(name) in r.content.decode().split("<tbody>")[1]

@@ -8,6 +8,7 @@ static/usage/charts.js draws them with the plotly.js shipped in the Python packa
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 
 import plotly.graph_objects as go
@@ -210,7 +211,8 @@ def _align_zeros(fig: go.Figure, *, top: int, bottom: int, top2: int) -> None:
 
 def breakdown_figure(product: Product, table: Table, by: str) -> go.Figure:
     """Horizontal bars, largest first, one per service or user."""
-    keys = table.column(by)[::-1]
+    # Plotly reads <b>, <a href> ... in labels as markup: service and user names are data, so escape them.
+    keys = [html.escape(k, quote=False) for k in table.column(by)[::-1]]
     unit = product.unit
     fig = go.Figure()
     if product.is_returnable:
