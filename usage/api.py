@@ -358,7 +358,9 @@ api = UsageApi(
     ),
     urls_namespace="api-v1",
     auth=ApiKeyAuth(),
-    docs=Swagger(),  # served from ninja's bundled static files ("ninja" is in INSTALLED_APPS): no CDN
+    # Swagger UI from ninja's bundled static files ("ninja" is in INSTALLED_APPS): no CDN;
+    # validatorUrl None: no call to the online validator either. Works offline.
+    docs=Swagger(settings={"validatorUrl": None, "persistAuthorization": True}),
     docs_url="/docs",
     openapi_url="/openapi.json",
 )
