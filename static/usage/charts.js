@@ -37,4 +37,15 @@
   document.addEventListener("htmx:afterSettle", function (event) {
     render(event.target && event.target.isConnected ? event.target : document);
   });
+  // History: snapshot the page without Plotly's SVG (small, and no dead charts), then
+  // draw again from the embedded JSON when the user comes back.
+  document.addEventListener("htmx:beforeHistorySave", function () {
+    var drawn = document.querySelectorAll("[data-rendered='1']");
+    Array.prototype.forEach.call(drawn, function (el) {
+      if (window.Plotly) { window.Plotly.purge(el); }
+      el.innerHTML = "";
+      el.removeAttribute("data-rendered");
+    });
+  });
+  document.addEventListener("htmx:historyRestore", function () { render(document); });
 })();

@@ -123,6 +123,8 @@ def test_details_page_renders_plotly_and_swaps_tabs_with_htmx(history, page, pag
     # Back button restores the previous view.
     page.go_back()
     page.wait_for_selector('#usage-panel[data-view="service"]')
+    chart_ready(page)  # drawn again from its JSON, interactive
+    assert page.locator("#usage-chart .main-svg").count() >= 1
     assert loads == []
     assert_clean(page_log)
 
