@@ -146,7 +146,7 @@ def test_concurrent_rollup_verify_and_prune(require_postgres, world):
     from usage.models import DailyRollup
 
     DailyRollup.objects.filter(team=world["team"], product=world["tokens"], day=day).update(consumed=1)
-    assert run_in_threads(3, lambda: periodic.rollup_verify(team_product_id=tp.pk, day=day)) == []
+    assert run_in_threads(3, lambda: periodic.rollup_verify(team_product_id=tp.pk, first_day=day)) == []
     assert DailyRollup.objects.get(team=world["team"], product=world["tokens"], day=day).consumed == 10
     assert Drift.objects.filter(kind=Drift.Kind.ROLLUP).count() == 1
     old = [Event.objects.create(team=world["team"], key=f"old-{i}", fingerprint="x", operation="metered").pk

@@ -15,7 +15,7 @@ from capacity_portal.celery import app
 from products.models import Lot, Refresh, TeamProduct
 from products.selectors import product_balance
 from usage import periodic, tasks
-from usage.models import DailyRollup, Drift, Event, Kind, LedgerEntry
+from usage.models import DailyBreakdown, DailyRollup, Drift, Event, Kind, LedgerEntry
 from usage.services import job_refund, usage_consume
 
 from .conftest import key
@@ -109,7 +109,7 @@ def test_enqueue_waits_for_commit_and_drops_on_rollback(world, django_capture_on
 
 def test_a_deleted_id_is_a_no_op():
     assert periodic.balance_refresh(team_product_id=987654) == periodic.RefreshResult(0, 0)
-    assert tasks.rollup_verify.delay(987654, "2026-01-01").get() is False
+    assert tasks.rollup_verify.delay(987654, "2026-01-01").get() == 0
     assert tasks.alerts_check_team_product.delay(987654).get() == []
 
 
@@ -136,14 +136,14 @@ def test_rollup_drift_is_logged_fixed_and_recorded_once(world, caplog):
     tp, today = _used_today(world)
     DailyRollup.objects.filter(team=world["team"], day=today).update(consumed=999)
     with caplog.at_level(logging.ERROR, logger="usage.periodic"):
-        drift = periodic.rollup_verify(team_product_id=tp.pk, day=today)
-    assert drift == {"expected": {"consumed": 7, "refunded": 0, "checked_out": 0, "returned": 0},
-                     "actual": {"consumed": 999, "refunded": 0, "checked_out": 0, "returned": 0}}
+        drift = periodic.rollup_verify(team_product_id=tp.pk, first_day=today)
+    assert drift == [{"day": today, "scope": "day", "expected": {"consumed": 7, "refunded": 0, "checked_out": 0, "returned": 0},
+                      "actual": {"consumed": 999, "refunded": 0, "checked_out": 0, "returned": 0}}]
     assert "rollup drift" in caplog.text
     assert DailyRollup.objects.get(team=world["team"], day=today).consumed == 7
     d = Drift.objects.get()
     assert (d.kind, d.fixed, d.day) == (Drift.Kind.ROLLUP, True, today)
-    assert periodic.rollup_verify(team_product_id=tp.pk, day=today) is None  # rerun: nothing left
+    assert periodic.rollup_verify(team_product_id=tp.pk, first_day=today) == []  # rerun: nothing left
     assert Drift.objects.count() == 1
 
 
@@ -154,7 +154,7 @@ def test_back_dated_usage_gets_its_day_verified(world, django_capture_on_commit_
                   actor=periodic.PERIODIC_ACTOR, occurred_at=ten_days_ago)
     day = timezone.localdate(ten_days_ago, world["team"].tzinfo)
     tp = TeamProduct.objects.get()
-    assert periodic.rollups_recent_units(now=timezone.now()) == [(tp.pk, day)]
+    assert periodic.rollups_recent_units(now=timezone.now()) == [(tp.pk, day, day)]
     DailyRollup.objects.filter(day=day).update(consumed=0)
     with django_capture_on_commit_callbacks(execute=True):
         tasks.rollups_verify_recent.delay()
@@ -167,8 +167,28 @@ def test_back_dated_usage_gets_its_day_verified(world, django_capture_on_commit_
 def test_rollup_catch_up_creates_a_missing_day(world):
     tp, today = _used_today(world, quantity=3)
     DailyRollup.objects.all().delete()
-    assert periodic.rollup_verify(team_product_id=tp.pk, day=today) is not None
+    assert [d["scope"] for d in periodic.rollup_verify(team_product_id=tp.pk, first_day=today)] == ["day"]
     assert DailyRollup.objects.get(team=world["team"], day=today).consumed == 3
+
+
+def test_breakdown_drift_is_fixed_per_service_and_user(world):
+    team, tokens = world["team"], world["tokens"]
+    make_grant(team, tokens, 100)
+    for service, user, quantity in [("rendering", "a@x.io", 5), ("rendering", "b@x.io", 2), ("analysis", "", 1)]:
+        usage_consume(team=team, product=tokens, quantity=quantity, idempotency_key=key(),
+                      actor=periodic.PERIODIC_ACTOR, service=service, user=user)
+    tp, today = TeamProduct.objects.get(), timezone.localdate(timezone.now(), team.tzinfo)
+    assert periodic.rollup_verify(team_product_id=tp.pk, first_day=today) == []
+    DailyBreakdown.objects.filter(service="rendering", user="b@x.io").update(consumed=20)
+    DailyBreakdown.objects.filter(service="analysis").delete()
+    DailyBreakdown.objects.create(team=team, product=tokens, day=today, service="ghost", user="", consumed=9)
+    found = periodic.rollup_verify(team_product_id=tp.pk, first_day=today)
+    assert [d["scope"] for d in found] == ["service='analysis' user=''", "service='ghost' user=''",
+                                          "service='rendering' user='b@x.io'"]
+    rows = {(b.service, b.user): b.consumed for b in DailyBreakdown.objects.filter(day=today)}
+    assert rows == {("rendering", "a@x.io"): 5, ("rendering", "b@x.io"): 2, ("analysis", ""): 1, ("ghost", ""): 0}
+    assert Drift.objects.count() == 3
+    assert periodic.rollup_verify(team_product_id=tp.pk, first_day=today) == []
 
 
 # -- idempotency records -----------------------------------------------------------------
@@ -270,3 +290,30 @@ def test_make_run_server_does_the_periodic_work_without_redis(tmp_path):
         server.terminate()
         output = server.communicate(timeout=30)[0].decode()
     assert "Periodic jobs running in-process" in output
+
+
+def test_rollups_are_verified_over_a_range_in_team_time(world):
+    """Local days, not UTC days: rows at 23:30 and 00:30 Auckland time land on two days."""
+    from zoneinfo import ZoneInfo
+
+    team, tokens = world["team"], world["tokens"]
+    team.timezone = "Pacific/Auckland"
+    team.save()
+    team.refresh_from_db()
+    tz = ZoneInfo("Pacific/Auckland")
+    now = timezone.now()
+    make_grant(team, tokens, 1000, starts_at=now - timedelta(days=30), days=400)
+    local = now.astimezone(tz).replace(hour=23, minute=30, second=0, microsecond=0) - timedelta(days=3)
+    for at, quantity in [(local, 5), (local + timedelta(hours=1), 7), (local + timedelta(days=2), 1)]:
+        usage_consume(team=team, product=tokens, quantity=quantity, idempotency_key=key(),
+                      actor=periodic.PERIODIC_ACTOR, occurred_at=at)
+    tp = TeamProduct.objects.get()
+    (unit,) = periodic.rollups_recent_units(now=timezone.now())
+    first, last = local.date(), (local + timedelta(days=2)).date()
+    assert unit == (tp.pk, first, last)
+    assert periodic.rollup_verify(team_product_id=tp.pk, first_day=first, last_day=last) == []
+    days, _ = periodic.rollups_from_ledger(tp, first, last)
+    assert {d: a["consumed"] for d, a in days.items()} == {first: 5, first + timedelta(days=1): 7, last: 1}
+    DailyRollup.objects.filter(day=first + timedelta(days=1)).update(consumed=12)
+    found = periodic.rollup_verify(team_product_id=tp.pk, first_day=first, last_day=last)
+    assert [(d["day"], d["scope"]) for d in found] == [(first + timedelta(days=1), "day")]

@@ -22,7 +22,7 @@ from datetime import date, datetime, timedelta
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Exists, Max, Min, OuterRef, Q, Sum
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
 from products.models import Grant, Lot, Refresh, TeamProduct
@@ -30,6 +30,7 @@ from products.models import Grant, Lot, Refresh, TeamProduct
 from .actors import Actor
 from .ledger import ensure_current_lots, expire_lots, lock_team_product
 from .models import (
+    DailyBreakdown,
     DailyRollup,
     Drift,
     Event,
@@ -103,50 +104,107 @@ ROLLUP_FROM_LEDGER = {
 }
 
 
+FIELDS = tuple(ROLLUP_FROM_LEDGER)
+ZERO = dict.fromkeys(FIELDS, 0)
+
+
 def _local_day_bounds(day: date, tz) -> tuple[datetime, datetime]:
     start = datetime(day.year, day.month, day.day, tzinfo=tz)
     nxt = day + timedelta(days=1)
     return start, datetime(nxt.year, nxt.month, nxt.day, tzinfo=tz)
 
 
-def rollup_from_ledger(tp: TeamProduct, day: date) -> dict[str, int]:
-    start, end = _local_day_bounds(day, tp.team.tzinfo)
-    rows = LedgerEntry.objects.filter(
-        team_id=tp.team_id, product_id=tp.product_id, occurred_at__gte=start, occurred_at__lt=end
+def rollups_from_ledger(tp: TeamProduct, first_day: date, last_day: date) -> tuple[dict, dict]:
+    """Rollups recomputed from the ledger for local days first..last, in one grouped query.
+
+    Returns ``({day: amounts}, {(day, service, user): amounts})``, zero groups left out.
+    """
+    tz = tp.team.tzinfo
+    start, _ = _local_day_bounds(first_day, tz)
+    _, end = _local_day_bounds(last_day, tz)
+    rows = (
+        LedgerEntry.objects.filter(team_id=tp.team_id, product_id=tp.product_id, occurred_at__gte=start,
+                                   occurred_at__lt=end, kind__in=[kind for kind, _ in ROLLUP_FROM_LEDGER.values()])
+        .annotate(local_day=TruncDate("occurred_at", tzinfo=tz))
+        .values("local_day", "service", "user")
+        .annotate(**{name: Coalesce(Sum(field, filter=Q(kind=kind)), 0)
+                     for name, (kind, field) in ROLLUP_FROM_LEDGER.items()})
+        .order_by()
     )
-    sums = rows.aggregate(**{
-        name: Coalesce(Sum(field, filter=Q(kind=kind)), 0) for name, (kind, field) in ROLLUP_FROM_LEDGER.items()
-    })
-    return {name: int(value) for name, value in sums.items()}
+    days: dict[date, dict] = {}
+    breakdowns: dict[tuple[date, str, str], dict] = {}
+    for row in rows:
+        amounts = {name: int(row[name]) for name in FIELDS}
+        if not any(amounts.values()):
+            continue
+        breakdowns[(row["local_day"], row["service"], row["user"])] = amounts
+        acc = days.setdefault(row["local_day"], dict(ZERO))
+        for name in FIELDS:
+            acc[name] += amounts[name]
+    return days, breakdowns
 
 
-def rollup_verify(*, team_product_id: int, day: date, now: datetime | None = None) -> dict | None:
-    """Recompute one local day's rollup from the ledger; rewrite it and record drift if it differs.
+def rollup_from_ledger(tp: TeamProduct, day: date) -> dict[str, int]:
+    """One local day's rollup amounts, recomputed from the ledger."""
+    return rollups_from_ledger(tp, day, day)[0].get(day, dict(ZERO))
 
-    Returns the drift found (``{"expected": ..., "actual": ...}``) or None.
+
+def rollup_verify(*, team_product_id: int, first_day: date, last_day: date | None = None,
+                  now: datetime | None = None) -> list[dict]:
+    """Recompute a balance's daily rollups and breakdowns from the ledger; rewrite what differs.
+
+    Each difference is logged as an error and recorded as a fixed ``Drift``. Returns them
+    as ``{"day", "scope", "expected", "actual"}``; empty when everything agrees.
     """
     now = now or timezone.now()
+    last_day = last_day or first_day
     tp = _team_product(team_product_id)
     if tp is None:
-        return None
+        return []
+    key = {"team_id": tp.team_id, "product_id": tp.product_id}
+    found = []
     with transaction.atomic():
-        # Writers update rollups under this lock: the ledger and the rollup are compared at rest.
+        # Writers update rollups under this lock: the ledger and the rollups are compared at rest.
         lock_team_product(tp.team, tp.product)
-        expected = rollup_from_ledger(tp, day)
-        row = DailyRollup.objects.select_for_update().filter(team_id=tp.team_id, product_id=tp.product_id,
-                                                             day=day).first()
-        actual = {name: getattr(row, name) if row else 0 for name in ROLLUP_FROM_LEDGER}
-        if actual == expected:
-            return None
-        if row is None:
-            DailyRollup.objects.create(team_id=tp.team_id, product_id=tp.product_id, day=day, **expected)
-        else:
-            DailyRollup.objects.filter(pk=row.pk).update(**expected)
-        Drift.objects.create(kind=Drift.Kind.ROLLUP, team_id=tp.team_id, product_id=tp.product_id, day=day,
-                             expected=expected, actual=actual, found_at=now, fixed=True)
-    logger.error("rollup drift for %s/%s on %s: rollup %s, ledger %s (rollup rewritten)", tp.team.slug,
-                 tp.product.code, day, actual, expected)
-    return {"expected": expected, "actual": actual}
+        want_days, want_breakdowns = rollups_from_ledger(tp, first_day, last_day)
+        in_range = {"day__gte": first_day, "day__lte": last_day}
+
+        have_days = {r.day: r for r in DailyRollup.objects.select_for_update().filter(**key, **in_range)}
+        for day in sorted(set(want_days) | set(have_days)):
+            want, row = want_days.get(day, ZERO), have_days.get(day)
+            got = {name: getattr(row, name) for name in FIELDS} if row else ZERO
+            if got == want:
+                continue
+            if row is None:
+                DailyRollup.objects.create(**key, day=day, **want)
+            else:
+                DailyRollup.objects.filter(pk=row.pk).update(**want)
+            found.append({"day": day, "scope": "day", "expected": want, "actual": got})
+
+        have_breakdowns = {(b.day, b.service, b.user): b
+                           for b in DailyBreakdown.objects.select_for_update().filter(**key, **in_range)}
+        for day, service, user in sorted(set(want_breakdowns) | set(have_breakdowns)):
+            want, row = want_breakdowns.get((day, service, user), ZERO), have_breakdowns.get((day, service, user))
+            got = {name: getattr(row, name) for name in FIELDS} if row else ZERO
+            if got == want:
+                continue
+            if row is None:
+                DailyBreakdown.objects.create(**key, day=day, service=service, user=user, **want)
+            else:
+                DailyBreakdown.objects.filter(pk=row.pk).update(**want)
+            found.append({"day": day, "scope": f"service={service!r} user={user!r}", "expected": want,
+                          "actual": got})
+
+        Drift.objects.bulk_create([
+            Drift(kind=Drift.Kind.ROLLUP, team_id=tp.team_id, product_id=tp.product_id, day=d["day"], found_at=now,
+                  fixed=True, expected={"scope": d["scope"], **d["expected"]},
+                  actual={"scope": d["scope"], **d["actual"]})
+            for d in found
+        ])
+    for d in found:
+        logger.error("rollup drift for %s/%s on %s (%s): rollup %s, ledger %s (rewritten from the ledger)",
+                     tp.team.slug, tp.product.code, d["day"], d["scope"], d["actual"], d["expected"])
+    return found
 
 
 def recorded_since(since: datetime):
@@ -168,11 +226,11 @@ def balances_touched_since(since: datetime) -> list[int]:
     )
 
 
-def rollups_recent_units(*, now: datetime, lookback: timedelta = timedelta(hours=2)) -> list[tuple[int, date]]:
-    """(balance, local day) pairs touched by ledger rows recorded in the last ``lookback``.
+def rollups_recent_units(*, now: datetime, lookback: timedelta = timedelta(hours=2)) -> list[tuple[int, date, date]]:
+    """(balance, first local day, last local day) touched by ledger rows recorded in the last ``lookback``.
 
     Keyed on ``recorded_at``, so back-dated usage (``occurred_at`` up to weeks ago) gets
-    its own day verified too. The hourly beat looks back two hours: runs overlap.
+    its own days verified too. The hourly beat looks back two hours: runs overlap.
     """
     touched = (
         recorded_since(now - lookback).filter(kind__in=[kind for kind, _ in ROLLUP_FROM_LEDGER.values()])
@@ -187,13 +245,9 @@ def rollups_recent_units(*, now: datetime, lookback: timedelta = timedelta(hours
     balances = TeamProduct.objects.filter(team_id__in={t for t, _ in ranges}).select_related("team").order_by("pk")
     for tp in balances:
         span = ranges.get((tp.team_id, tp.product_id))
-        if span is None:
-            continue
-        tz = tp.team.tzinfo
-        day, last = span[0].astimezone(tz).date(), span[1].astimezone(tz).date()
-        while day <= last:
-            units.append((tp.pk, day))
-            day += timedelta(days=1)
+        if span is not None:
+            tz = tp.team.tzinfo
+            units.append((tp.pk, span[0].astimezone(tz).date(), span[1].astimezone(tz).date()))
     return units
 
 

@@ -77,17 +77,18 @@ def balances_refresh_due() -> int:
 
 
 @shared_task(name="usage.rollup_verify")
-def rollup_verify(team_product_id: int, day: str) -> bool:
-    """True if the day's rollup was wrong (and has been rewritten from the ledger)."""
-    return periodic.rollup_verify(team_product_id=team_product_id, day=date.fromisoformat(day)) is not None
+def rollup_verify(team_product_id: int, first_day: str, last_day: str | None = None) -> int:
+    """The number of differences found (and rewritten from the ledger)."""
+    return len(periodic.rollup_verify(team_product_id=team_product_id, first_day=date.fromisoformat(first_day),
+                                      last_day=date.fromisoformat(last_day or first_day)))
 
 
 @shared_task(name="usage.rollups_verify_recent")
 def rollups_verify_recent(hours: int = 2) -> int:
     """Hourly with 2 hours of lookback; daily with 26 (catches up after a beat outage)."""
     units = periodic.rollups_recent_units(now=timezone.now(), lookback=timedelta(hours=hours))
-    for tp_id, day in units:
-        enqueue(rollup_verify, tp_id, day.isoformat())
+    for tp_id, first_day, last_day in units:
+        enqueue(rollup_verify, tp_id, first_day.isoformat(), last_day.isoformat())
     return len(units)
 
 
