@@ -7,7 +7,6 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.core.cache import cache
 from django.test import Client
 from django.utils import timezone
 
@@ -59,11 +58,12 @@ def assert_error(response, status: int, code: str) -> dict:
     return body
 
 
-@pytest.fixture(autouse=True)
-def _fresh_rate_windows():
-    cache.clear()
-    yield
-    cache.clear()
+@pytest.fixture
+def own_cache(settings):
+    """A private in-memory cache, so rate-limit windows start empty (and no shared cache,
+    e.g. Redis under CI, is ever flushed by a test)."""
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+                                   "LOCATION": f"api-test-{key()}"}}
 
 
 def setup_acme(world) -> dict:
@@ -470,10 +470,11 @@ def test_wrong_method_is_405_json(acme, method, path):
 
 def test_unknown_endpoint_is_404_json(acme):
     assert_error(acme["api"].get("/nope"), 404, "not_found")
+    assert_error(acme["api"].get("/"), 404, "not_found")
     assert_error(Client().post(BASE + "/usage/batch/extra"), 404, "not_found")
 
 
-def test_rate_limit_per_key(acme, settings):
+def test_rate_limit_per_key(acme, settings, own_cache):
     settings.API_RATE_LIMIT_PER_MINUTE = 3
     api = acme["api"]
     for _ in range(3):
@@ -486,7 +487,7 @@ def test_rate_limit_per_key(acme, settings):
     assert acme["globex_api"].get("/balances").status_code == 200  # another key has its own window
 
 
-def test_rate_limit_zero_means_unlimited(acme, settings):
+def test_rate_limit_zero_means_unlimited(acme, settings, own_cache):
     settings.API_RATE_LIMIT_PER_MINUTE = 0
     for _ in range(20):
         assert acme["api"].get("/balances").status_code == 200
@@ -507,3 +508,12 @@ def test_rate_limit_counts_in_redis_when_configured(acme, settings, require_redi
     assert 1 <= int(limited["Retry-After"]) <= 60
     stored = redis.Redis.from_url(require_redis).keys(f"{prefix}:*api-rate:*")
     assert len(stored) == 1  # expires by itself (TTL 120 s); nothing else in Redis is touched
+
+
+def test_rate_limit_fails_open_when_the_cache_is_down(acme, settings, caplog):
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": "redis://127.0.0.1:1/0"}}  # nothing listens there
+    settings.API_RATE_LIMIT_PER_MINUTE = 1
+    assert acme["api"].get("/balances").status_code == 200
+    assert acme["api"].usage().status_code == 201
+    assert "rate limit not applied" in caplog.text

@@ -8,7 +8,7 @@ from usage.models import Event, Kind, LedgerEntry
 
 from .conftest import key
 from .factories import ProductFactory, make_grant
-from .test_api import _fresh_rate_windows, assert_error, setup_acme  # noqa: F401 (an autouse fixture)
+from .test_api import assert_error, setup_acme
 
 pytestmark = pytest.mark.django_db
 

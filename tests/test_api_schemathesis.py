@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from django.core import signals
-from django.core.cache import cache
 from django.db import close_old_connections
 from hypothesis import HealthCheck, settings
 
@@ -37,7 +36,6 @@ def keep_connection():
 @pytest.fixture
 def bearer(db, settings, keep_connection):
     settings.API_RATE_LIMIT_PER_MINUTE = 0
-    cache.clear()
     team = TeamFactory(slug="fuzz")
     make_grant(team, ProductFactory(code="cloud-tokens"), 10**6)
     make_grant(team, ProductFactory(code="asset-pool", capacity_type=CapacityType.RETURNABLE), 1000)

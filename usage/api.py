@@ -25,7 +25,7 @@ from django.core.cache import cache
 from django.core.exceptions import RequestDataTooBig
 from django.db import OperationalError, transaction
 from django.db.models import Q
-from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.urls import re_path
 from django.utils import timezone
 from ninja import Field, NinjaAPI, Query, Schema
@@ -294,12 +294,10 @@ def _check_rate(api_key: ApiKey) -> None:
     window = int(now // 60)
     name = f"api-rate:{api_key.pk}:{window}"
     try:
-        count = cache.incr(name)  # one round trip on the hot path (atomic in Redis)
-    except ValueError:  # the window's first request
-        if cache.add(name, 1, timeout=120):
-            count = 1
-        else:  # another request created it meanwhile
-            count = cache.incr(name)
+        count = _count(name)
+    except Exception:  # noqa: BLE001 (the cache is down: serve without a limit rather than fail)
+        logger.warning("rate limit not applied: the cache is unavailable", exc_info=True)
+        return
     if count > limit:
         retry_after = max(1, math.ceil((window + 1) * 60 - now))
         raise RateLimited(
@@ -308,11 +306,20 @@ def _check_rate(api_key: ApiKey) -> None:
         )
 
 
+def _count(name: str) -> int:
+    try:
+        return cache.incr(name)  # one round trip on the hot path (atomic in Redis)
+    except ValueError:  # the window's first request
+        if cache.add(name, 1, timeout=120):
+            return 1
+        return cache.incr(name)  # another request created it meanwhile
+
+
 # -- the API ---------------------------------------------------------------------------------
 
 
 class UsageApi(NinjaAPI):
-    """NinjaAPI whose 405 and unknown-path 404 are JSON errors too."""
+    """NinjaAPI whose 405 and 404 (unknown path, the bare root) are JSON errors too."""
 
     @property
     def urls(self):
@@ -327,7 +334,10 @@ class UsageApi(NinjaAPI):
 
 def _json_not_allowed(view):
     def wrapper(request, *args, **kwargs):
-        response = view(request, *args, **kwargs)
+        try:
+            response = view(request, *args, **kwargs)
+        except Http404:  # ninja's API root page
+            return _unknown_path(request)
         if isinstance(response, HttpResponseNotAllowed):
             json = api.create_response(
                 request, error_body("method_not_allowed", f"{request.method} is not allowed here."), status=405
