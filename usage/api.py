@@ -420,6 +420,15 @@ def _too_big(request, exc):
     return _error(request, "payload_too_large", "The request body is too large.", 413)
 
 
+@api.exception_handler(OperationalError)
+def _database_unavailable(request, exc: OperationalError):
+    # The database is unreachable or busy (not a bug in the request): ask the caller to retry.
+    logger.error("database unavailable in %s %s: %s", request.method, request.path, exc)
+    response = _error(request, "unavailable", "The service is temporarily unavailable; retry the request.", 503)
+    response["Retry-After"] = "5"
+    return response
+
+
 @api.exception_handler(Exception)
 def _bug(request, exc: Exception):
     # Last resort, for genuine bugs only: every expected failure has a code above.
