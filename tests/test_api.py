@@ -397,8 +397,6 @@ def test_balances_low_and_empty(acme):
     assert (tokens["available"], tokens["status"], tokens["used_pct"]) == (0, "empty", 100.0)
 
 
-@pytest.mark.xfail(strict=True, reason="usage/forecast.py: timedelta(days=...) overflows for a huge balance "
-                                      "with a small burn rate (reported; remove this mark once fixed)")
 def test_balances_with_huge_capacity_are_not_a_500(acme):
     make_grant(acme["team"], acme["tokens"], 10**12)
     assert acme["api"].usage(quantity=1).status_code == 201

@@ -28,6 +28,7 @@ def runs_out_in_days(*, available: int, net_consumed: int, now: datetime, horizo
     if net_consumed <= 0 or available <= 0:
         return None
     days = -(-available * window_days // net_consumed)  # ceil without float
-    if horizon is not None and now + timedelta(days=days) >= horizon:
+    # Compared in seconds: now + timedelta(days=days) would overflow for a huge balance.
+    if horizon is not None and days * 86400 >= (horizon - now).total_seconds():
         return None
     return days
