@@ -30,6 +30,8 @@ TODAY = date(2026, 6, 10)
     (100, -5, 365, None),   # more refunded than consumed
     (0, 300, 365, None),    # already out
     (1000, 1, 365, None),   # 30000 days: after the end
+    (10**15, 1, 365, None),  # far beyond what a timedelta can hold: no overflow
+    (10**15, 1, 3_000_000, None),
 ])
 def test_runs_out_in_days(available, net, horizon_days, expected):
     assert runs_out_in_days(available=available, net_consumed=net, now=NOW,
