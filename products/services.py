@@ -131,6 +131,6 @@ def grant_revoke(*, grant: Grant, revoked_by=None, now: datetime | None = None, 
     grant.save(update_fields=["revoked_at"])
     for lot in Lot.objects.filter(grant=grant, closed_at__isnull=True).select_for_update().order_by("id"):
         kind = Kind.REVOKE if lot.expires_at > now else Kind.EXPIRE
-        close_lot(lot, kind=kind, at=now if kind == Kind.REVOKE else lot.expires_at, now=now, actor=actor,
+        close_lot(lot, kind=kind, at=now if kind == Kind.REVOKE else lot.expires_at, now=now, actor=actor, team=grant.team,
                   note=note or ("grant revoked" if kind == Kind.REVOKE else ""))
     return grant

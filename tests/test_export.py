@@ -13,6 +13,7 @@ from django.http import StreamingHttpResponse
 from django.urls import reverse
 from django.utils import timezone
 
+from products.selectors import product_balance
 from usage.history import resolve_range
 from usage.services import job_refund, usage_checkout, usage_consume, usage_metered, usage_return
 
@@ -83,11 +84,11 @@ def test_csv_rows_equal_the_chart_data_exhaustible(admin, data, granularity):
     fig, _ = get_figure(admin, "cloud-tokens", **params)
     header, body = rows[0], rows[1:]
     lead = {"day": ["day"], "week": ["week", "week_start"], "month": ["month"]}[granularity]
-    assert header == lead + ["consumed", "refunded", "net_consumed", "cumulative_net"]
+    assert header == lead + ["consumed", "refunded", "net_consumed", "available"]
     col = {name: [r[header.index(name)] for r in body] for name in header}
     consumed = trace(fig, "Consumed (tokens)")
     refunded = trace(fig, "Refunded (tokens)")
-    cumulative = trace(fig, "Cumulative net used (tokens)")
+    balance = trace(fig, "Balance available (tokens)")
     if granularity == "month":
         x = [f"{m}-01" for m in col["month"]]
     else:
@@ -96,7 +97,9 @@ def test_csv_rows_equal_the_chart_data_exhaustible(admin, data, granularity):
     assert consumed["y"] == [int(v) for v in col["consumed"]]
     assert refunded["customdata"] == [int(v) for v in col["refunded"]]
     assert refunded["y"] == [-int(v) for v in col["refunded"]]
-    assert cumulative["y"] == [int(v) for v in col["cumulative_net"]]
+    assert balance["y"] == [int(v) for v in col["available"]]
+    # The balance line ends where the dashboard card stands (nothing is pending expiry here).
+    assert int(col["available"][-1]) == product_balance(data["team"], data["tokens"]).available
     assert sum(int(v) for v in col["refunded"]) == 10 + 20  # the job-20 refund shows
     start, end, _ = resolve_range(team=data["team"], range_key="6m", start=None, end=None)
     suffix = {"day": "daily", "week": "weekly", "month": "monthly"}[granularity]
@@ -127,7 +130,7 @@ def test_csv_rows_equal_the_chart_data_metered(admin, data):
     _, rows = get_csv(admin, "render-api", range="3m", granularity="week")
     fig, _ = get_figure(admin, "render-api", range="3m", granularity="week")
     header, body = rows[0], rows[1:]
-    assert header == ["week", "week_start", "raw_usage", "consumed", "refunded", "net_consumed", "cumulative_net"]
+    assert header == ["week", "week_start", "raw_usage", "consumed", "refunded", "net_consumed", "available"]
     assert trace(fig, "Raw usage (minutes)")["y"] == [int(r[2]) for r in body]
     assert trace(fig, "Consumed (units)")["y"] == [int(r[3]) for r in body]
 

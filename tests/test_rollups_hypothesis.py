@@ -116,18 +116,30 @@ def ledger_levels(team, pool):
 def expected_series(team, product, start, end, granularity, user=None):
     days = ledger_days(team, product, user)
     peaks, closing = ledger_levels(team, product) if product.is_returnable and user is None else ({}, {})
+    track_balance = user is None and not product.is_returnable
+    # Balance over time: every ledger movement of the product, summed up to each local day.
+    tz = team.tzinfo
+    movements: dict = {}
+    if track_balance:
+        for e in LedgerEntry.objects.for_team(team).filter(product=product):
+            d = e.occurred_at.astimezone(tz).date()
+            movements[d] = movements.get(d, 0) + e.delta
     out: dict = {}
-    level = 0
+    level = balance = 0
     day = start - timedelta(days=400)
     while day <= end:
         opening = level
         level = closing.get(day, level)
+        balance += movements.get(day, 0)
         if day >= start:
-            b = out.setdefault(bucket_start(day, granularity), dict.fromkeys(FIELDS + ("peak_checked_out",), 0))
+            b = out.setdefault(bucket_start(day, granularity),
+                               {**dict.fromkeys(FIELDS + ("peak_checked_out",), 0), "available": None})
             for name in FIELDS:
                 b[name] += days[day][name] if day in days else 0
             if product.is_returnable and user is None:
                 b["peak_checked_out"] = max(b["peak_checked_out"], opening, peaks.get(day, opening))
+            if track_balance:
+                b["available"] = balance
         day += timedelta(days=1)
     return out
 

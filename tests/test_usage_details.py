@@ -153,7 +153,7 @@ def test_usage_chart_exhaustible(data, client):
     client.force_login(data["members"]["primary_admin"])
     fig = figure(client.get(detail_url(range="month")))
     names = [t["name"] for t in fig["data"]]
-    assert names == ["Consumed (tokens)", "Refunded (tokens)", "Cumulative net used (tokens)"]
+    assert names == ["Consumed (tokens)", "Refunded (tokens)", "Balance available (tokens)"]
     assert sum(fig["data"][0]["y"]) == 100
     assert fig["layout"]["yaxis"]["title"]["text"] == "Units (tokens)"
     assert "team time" in fig["layout"]["xaxis"]["title"]["text"]

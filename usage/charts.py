@@ -79,9 +79,12 @@ def series_table(product: Product, buckets: list[Bucket], granularity: str, *, p
         for b in buckets:
             table.rows.append(lead(b) + [b.peak_checked_out, b.checked_out, b.returned])
         return table
-    columns = ["consumed", "refunded", "net_consumed", "cumulative_net"]
+    # The whole team's series shows the balance left at the end of each bucket; one
+    # person's series (My usage) shows their cumulative use instead.
+    last = "cumulative_net" if per_user else "available"
+    columns = ["consumed", "refunded", "net_consumed", last]
     labels = [f"Consumed ({product.unit})", f"Refunded ({product.unit})", f"Net used ({product.unit})",
-              f"Cumulative net used ({product.unit})"]
+              f"Cumulative net used ({product.unit})" if per_user else f"Available at end ({product.unit})"]
     if product.metered:
         columns.insert(0, "raw_usage")
         labels.insert(0, f"Raw usage ({raw_unit(product)})")
@@ -90,7 +93,8 @@ def series_table(product: Product, buckets: list[Bucket], granularity: str, *, p
     for b in buckets:
         running += b.net_consumed
         values = {"raw_usage": b.raw_usage, "consumed": b.consumed, "refunded": b.refunded,
-                  "net_consumed": b.net_consumed, "cumulative_net": running}
+                  "net_consumed": b.net_consumed, "cumulative_net": running,
+                  "available": b.available if b.available is not None else 0}
         table.rows.append(lead(b) + [values[c] for c in columns])
     return table
 
@@ -149,7 +153,8 @@ def _layout(fig: go.Figure, *, title: str, ytitle: str, xtitle: str | None = Non
 
 
 def series_figure(product: Product, table: Table, granularity: str) -> go.Figure:
-    """Exhaustible: consumed (bars), refunds (negative bars), cumulative net use (line).
+    """Exhaustible: consumed (bars), refunds (negative bars), balance available (line; a
+    person's cumulative use on My usage).
     Metered adds raw usage (line, right axis). Returnable: peak checked out and returns."""
     x = table.column("week_start") if granularity == "week" else table.column(table.columns[0])
     if granularity == "month":
@@ -180,6 +185,11 @@ def series_figure(product: Product, table: Table, granularity: str) -> go.Figure
             fig.add_scatter(x=x, y=table.column("raw_usage"), name=y2, yaxis="y2", mode="lines+markers",
                             line={"color": RAW, "width": 2}, marker={"size": 5},
                             hovertemplate=f"%{{y:,}} {raw_unit(product)}<extra></extra>")
+        elif "available" in table.columns:
+            y2 = f"Balance available ({unit})"
+            fig.add_scatter(x=x, y=table.column("available"), name=y2, yaxis="y2", mode="lines",
+                            line={"color": CUMULATIVE, "width": 2, "shape": "hv"},
+                            hovertemplate=f"%{{y:,}} {unit} available at the end<extra></extra>")
         else:
             y2 = f"Cumulative net used ({unit})"
             fig.add_scatter(x=x, y=table.column("cumulative_net"), name=y2, yaxis="y2", mode="lines",
@@ -189,7 +199,7 @@ def series_figure(product: Product, table: Table, granularity: str) -> go.Figure
         _layout(fig, title=f"{charged} consumed per {granularity}", ytitle=f"{charged} ({unit})",
                 xtitle=xtitle, y2title=y2)
         _align_zeros(fig, top=max(table.column("consumed"), default=0), bottom=max(refunds, default=0),
-                     top2=max(table.column("raw_usage" if product.metered else "cumulative_net"), default=0))
+                     top2=max(table.column("raw_usage" if product.metered else table.columns[-1]), default=0))
     fig.update_xaxes(hoverformat=when)
     if granularity == "month":
         fig.update_xaxes(dtick="M1", tickformat="%b %Y")

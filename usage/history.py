@@ -11,7 +11,7 @@ import calendar
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 
-from django.db.models import Sum
+from django.db.models import F, Sum
 from django.utils import timezone
 
 from products.models import Product
@@ -51,6 +51,8 @@ class Bucket:
     returned: int = 0
     raw_usage: int = 0
     peak_checked_out: int = 0
+    # Exhaustible products, whole team: the balance available at the end of the bucket.
+    available: int | None = None
 
     @property
     def net_consumed(self) -> int:
@@ -131,20 +133,29 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
                  user: str | None = None) -> list[Bucket]:
     """Usage per bucket over [start, end] (inclusive local dates), every bucket zero-filled.
 
-    One query for an exhaustible product; returnable products take one more to carry
-    the checked-out level in from before the range.
+    Two queries: the range's rollup rows, and the level carried in from before the
+    range (checked out for a returnable product; the balance available for an
+    exhaustible one, from the capacity granted and expired and the net use per day).
     """
     _check_span(start, end)
     bucket_start(start, granularity)  # validates the granularity
     track_level = product.is_returnable
+    track_balance = user is None and not product.is_returnable
+    balance = 0
     if user is None:
         rows = list(
             DailyRollup.objects.for_team(team)
             .filter(product=product, day__range=(start, end))
             .order_by("day")
-            .values("day", *AMOUNT_FIELDS, "peak_checked_out", "closing_checked_out")
+            .values("day", *AMOUNT_FIELDS, "peak_checked_out", "closing_checked_out", "granted", "expired")
         )
         opening = 0
+        if track_balance:
+            balance = (
+                DailyRollup.objects.for_team(team)
+                .filter(product=product, day__lt=start)
+                .aggregate(b=Sum(F("granted") - F("consumed") + F("refunded") - F("expired")))["b"]
+            ) or 0
         if track_level:
             opening = (
                 DailyRollup.objects.for_team(team)
@@ -194,8 +205,12 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
             else:
                 peak = row["peak_checked_out"]
             closing = row["closing_checked_out"] or 0
+            if track_balance:
+                balance += row["granted"] - row["consumed"] + row["refunded"] - row["expired"]
         if track_level:
             bucket.peak_checked_out = max(bucket.peak_checked_out, peak)
+        if track_balance:
+            bucket.available = balance  # the last day of the bucket leaves its closing balance
         day += timedelta(days=1)
     return list(buckets.values())
 

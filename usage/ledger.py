@@ -51,7 +51,8 @@ def expire_lots(tp: TeamProduct, *, now: datetime, actor: Actor) -> list[LedgerE
     return entries
 
 
-def close_lot(lot: Lot, *, kind: str, at: datetime, now: datetime, actor: Actor, note: str = "") -> list[LedgerEntry]:
+def close_lot(lot: Lot, *, kind: str, at: datetime, now: datetime, actor: Actor, note: str = "",
+              team: Team | None = None) -> list[LedgerEntry]:
     """Zero a lot's remaining with one ledger row (expiry or revocation). Idempotent."""
     # Claim: only the first closer sees closed_at IS NULL; a rerun changes nothing.
     claimed = Lot.objects.filter(pk=lot.pk, closed_at__isnull=True).update(closed_at=now, remaining=0)
@@ -64,6 +65,7 @@ def close_lot(lot: Lot, *, kind: str, at: datetime, now: datetime, actor: Actor,
         kind=kind, delta=-lot.remaining, amount=lot.remaining, occurred_at=at, note=note,
         **actor.entry_fields(),
     )
+    rollup_add(team if team is not None else lot.team, lot.product_id, at=at, expired=lot.remaining)
     lot.remaining = 0
     lot.closed_at = now
     return [entry]
@@ -108,14 +110,15 @@ def ensure_current_lots(tp: TeamProduct, team: Team, *, now: datetime, actor: Ac
         for key, (grant, k, start, end) in wanted.items():
             if key not in existing:
                 kind = Kind.REFRESH if k else Kind.GRANT
-                created = create_lot(grant, k=k, start=start, end=end, kind=kind, actor=actor) is not None or created
+                lot = create_lot(grant, k=k, start=start, end=end, kind=kind, actor=actor, team=team)
+                created = created or lot is not None
     TeamProduct.objects.filter(pk=tp.pk).update(refresh_checked_at=now, refresh_due_at=next_due)
     tp.refresh_checked_at, tp.refresh_due_at = now, next_due
     return created
 
 
 def create_lot(grant: Grant, *, k: int, start: datetime, end: datetime, kind: str, actor: Actor,
-               event: Event | None = None) -> Lot | None:
+               event: Event | None = None, team: Team | None = None) -> Lot | None:
     """Create one period's lot and its creation row; None if it already exists."""
     try:
         with transaction.atomic():
@@ -132,6 +135,7 @@ def create_lot(grant: Grant, *, k: int, start: datetime, end: datetime, kind: st
         note=f"period {k + 1}" if grant.refresh == Refresh.MONTHLY else "",
         **actor.entry_fields(),
     )
+    rollup_add(team if team is not None else grant.team, grant.product_id, at=start, granted=grant.quantity)
     return lot
 
 
@@ -160,7 +164,7 @@ def prepare_balance(team: Team, product: Product, *, now: datetime, actor: Actor
         .in_consumption_order()
     )
     for lot in sorted((lot for lot in open_lots if lot.expires_at <= now), key=lambda lot: lot.pk):
-        close_lot(lot, kind=Kind.EXPIRE, at=lot.expires_at, now=now, actor=actor)
+        close_lot(lot, kind=Kind.EXPIRE, at=lot.expires_at, now=now, actor=actor, team=team)
     if ensure_current_lots(tp, team, now=now, actor=actor):
         return tp, active_lots_for_update(tp, now=now)
     return tp, [lot for lot in open_lots if lot.expires_at > now]
@@ -205,24 +209,27 @@ def totals(lots: Iterable[Lot]) -> tuple[int, int]:
 # -- rollups -------------------------------------------------------------------------
 
 ROLLUP_FIELDS = ("consumed", "refunded", "checked_out", "returned", "raw_usage")
+# Kept on the daily rollup only (no service/user breakdown): capacity added and removed.
+CAPACITY_FIELDS = ("granted", "expired")
 
 
 def rollup_add(team: Team, product_id: int, *, at: datetime, service: str = "", user: str = "",
                level: int | None = None, **amounts: int) -> None:
     """Add amounts to the day's rollup and breakdown rows (same transaction as the write)."""
     amounts = {k: v for k, v in amounts.items() if v}
-    unknown = set(amounts) - set(ROLLUP_FIELDS)
+    unknown = set(amounts) - set(ROLLUP_FIELDS) - set(CAPACITY_FIELDS)
     if unknown:
         raise ValueError(f"unknown rollup fields {sorted(unknown)}")
     if not amounts and level is None:
         return
     day = local_date(at, team.tzinfo)
     _upsert(DailyRollup, {"team_id": team.pk, "product_id": product_id, "day": day}, amounts, level=level)
-    if amounts:
+    usage = {k: v for k, v in amounts.items() if k in ROLLUP_FIELDS}
+    if usage:
         _upsert(
             DailyBreakdown,
             {"team_id": team.pk, "product_id": product_id, "day": day, "service": service or "", "user": user or ""},
-            amounts,
+            usage,
         )
 
 
@@ -234,8 +241,9 @@ def _upsert(model, key: dict, amounts: dict, *, level: int | None = None) -> Non
     connection = transaction.get_connection()
     qn = connection.ops.quote_name
     table = qn(model._meta.db_table)
-    values = {**key, **{name: amounts.get(name, 0) for name in ROLLUP_FIELDS}}
-    sets = [f"{qn(name)} = {table}.{qn(name)} + excluded.{qn(name)}" for name in ROLLUP_FIELDS if name in amounts]
+    fields = ROLLUP_FIELDS + (CAPACITY_FIELDS if model is DailyRollup else ())
+    values = {**key, **{name: amounts.get(name, 0) for name in fields}}
+    sets = [f"{qn(name)} = {table}.{qn(name)} + excluded.{qn(name)}" for name in fields if name in amounts]
     if level is not None:
         values["peak_checked_out"] = level
         values["closing_checked_out"] = level

@@ -196,6 +196,10 @@ class DailyRollup(models.Model):
     raw_usage = models.BigIntegerField(default=0)
     peak_checked_out = models.BigIntegerField(default=0)
     closing_checked_out = models.BigIntegerField(default=0)
+    # Capacity movements of the day (grant/refresh added; expire/revoke removed): with
+    # consumed and refunded they give the balance over time without reading the ledger.
+    granted = models.BigIntegerField(default=0, db_default=0)
+    expired = models.BigIntegerField(default=0, db_default=0)
 
     objects = RollupQuerySet.as_manager()
 
