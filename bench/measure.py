@@ -89,21 +89,6 @@ def _rate(ctx: Context, label: str, path: str, *, method: str = "GET", expect: i
     return r.ok_per_s
 
 
-def _p50(ctx: Context, label: str, path: str, *, headers: dict | None = None) -> float:
-    """Median latency of sequential GETs (1 connection) after a warm-up on every worker."""
-    h = {"Cookie": "; ".join(f"{k}={v}" for k, v in ctx.cookies.items()), **(headers or {})}
-    warm = _script(ctx, f"{label}-warm", method="GET", path=path, expect=200, max_requests=30, threads=1,
-                   headers=h)
-    wrk.run_wrk(ctx.base_url + path, warm, connections=5, threads=1, duration_s=10, timeout_s=60)
-    script = _script(ctx, label, method="GET", path=path, expect=200, max_requests=ctx.latency_requests,
-                     threads=1, headers=h)
-    r = wrk.run_wrk(ctx.base_url + path, script, connections=1, threads=1, duration_s=ctx.latency_seconds,
-                    timeout_s=60)
-    _check(ctx, label, r)
-    ctx.log(f"{label}: p50 {r.p50_ms:.1f} ms (p90 {r.p90_ms:.1f}, {r.ok} requests)")
-    return r.p50_ms
-
-
 def login_cookie(username: str) -> dict:
     from django.conf import settings
     from django.contrib.auth import get_user_model
@@ -248,7 +233,7 @@ def pages(ctx: Context, names: list[str]) -> tuple[dict, dict]:
     """Median latencies of the floor page, the dashboard (page and partial) and the history page.
 
     Sequential GETs, the pages interleaved round-robin (one request of each per round) so
-    that all of them see the same machine load; a wrk warm-up on every worker first.
+    that all of them see the same machine load; a concurrent warm-up first.
     Returns (results, name -> skip reason).
     """
     m = ctx.meta
@@ -272,17 +257,16 @@ def pages(ctx: Context, names: list[str]) -> tuple[dict, dict]:
         ctx.log(f"history queries: {ctx.details['history_queries']}")
     ctx.cookies = ctx.cookies or login_cookie(m["big_team_admin"])
     cookie = {"Cookie": "; ".join(f"{k}={v}" for k, v in ctx.cookies.items())}
-    for label, (path, headers) in paths.items():
-        warm = _script(ctx, f"{label}-warm", method="GET", path=path, expect=200, max_requests=25, threads=1,
-                       headers={**cookie, **headers})
-        # Bounded by count; the long deadline covers each worker's first request (imports, e.g. plotly).
-        r = wrk.run_wrk(ctx.base_url + path, warm, connections=5, threads=1, duration_s=120, timeout_s=60)
-        _check(ctx, f"{label}_warmup", r)
     u = urlsplit(ctx.base_url)
+    page_list = [{"label": label, "path": path, "headers": {**cookie, **headers}}
+                 for label, (path, headers) in paths.items()]
+    # Warm every worker (first requests import modules, e.g. plotly, and compile templates).
+    warm = _loadgen({"mode": "warm", "host": u.hostname, "port": u.port, "rounds": 4, "concurrency": 5,
+                     "max_seconds": 180, "pages": page_list}, timeout=400)
+    if warm["bad"]:
+        raise RuntimeError(f"pages warm-up: unexpected responses {warm['bad']}")
     spec = {"mode": "pages", "host": u.hostname, "port": u.port, "rounds": ctx.latency_requests,
-            "max_seconds": ctx.latency_seconds * len(paths),
-            "pages": [{"label": label, "path": path, "headers": {**cookie, **headers}}
-                      for label, (path, headers) in paths.items()]}
+            "max_seconds": ctx.latency_seconds * len(paths), "pages": page_list}
     r = _loadgen(spec, timeout=spec["max_seconds"] + 300)
     if r["bad"]:
         raise RuntimeError(f"pages: unexpected responses {r['bad']}")

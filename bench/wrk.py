@@ -2,7 +2,8 @@
 
 The script counts responses with the expected status (anything else is reported, and a
 measurement with unexpected statuses fails loudly), stops each thread after its share
-of ``max_requests`` (wrk's ``-d`` bounds the time), and prints one ``BENCHJSON`` line.
+of ``max_requests`` (wrk's ``-d`` bounds the time; wrk itself still waits for ``-d``
+before reporting), and prints one ``BENCHJSON`` line.
 POST bodies carry a distinct idempotency key per request (run id, thread, counter).
 """
 

@@ -197,6 +197,10 @@ def test_page_loadgen_interleaves_and_reports_medians(live_server):
     assert out["rounds"] == 5
     assert out["pages"]["a"]["n"] == 5 and out["pages"]["a"]["p50_ms"] > 0
     assert out["bad"] == {"b": "404"}
+    warm = subprocess.run([sys.executable, "-m", "bench.loadgen"], cwd=BASE_DIR, capture_output=True, text=True,
+                          input=json.dumps({**spec, "mode": "warm", "rounds": 2, "concurrency": 3}),
+                          timeout=60, check=True)
+    assert json.loads(warm.stdout) == {"bad": {"b": "404"}}
 
 
 # -- the seeder on PostgreSQL (smallest size) ---------------------------------------------
