@@ -23,7 +23,7 @@ import pydantic
 from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import RequestDataTooBig
-from django.db import OperationalError, transaction
+from django.db import OperationalError
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.urls import re_path
@@ -39,16 +39,10 @@ from products.selectors import team_balances
 from teams.models import ApiKey, Team
 
 from .actors import Actor
+from .batch import UsageRequest, usage_record, usage_record_many
 from .errors import InvalidRequest, NotFound, UsageError
 from .history import GRANULARITIES, resolve_range, team_today, usage_series
-from .services import (
-    Outcome,
-    job_refund,
-    usage_checkout,
-    usage_consume,
-    usage_metered,
-    usage_return,
-)
+from .services import Outcome, job_refund
 
 logger = logging.getLogger(__name__)
 
@@ -494,26 +488,29 @@ def _check_occurred_at(at: datetime | None, now: datetime) -> None:
         raise InvalidRequest("occurred_at must be between 35 days ago and 5 minutes from now.")
 
 
-def _record(*, team: Team, actor: Actor, data: UsageIn, product: Product, now: datetime) -> Outcome:
-    """One usage event through its service (the service opens its own (nested) transaction)."""
+def _check_event(data: UsageIn, now: datetime) -> None:
+    """What the API refuses before any service runs (field combinations, the time window)."""
     _check_occurred_at(data.occurred_at, now)
-    common = dict(team=team, product=product, quantity=data.quantity, idempotency_key=data.idempotency_key,
-                  actor=actor, occurred_at=data.occurred_at, now=now)
     if data.kind in ("consume", "metered"):
         if data.checkout_id:
             raise InvalidRequest(f"checkout_id is only for checkout and return, not {data.kind}.")
-        service = usage_consume if data.kind == "consume" else usage_metered
-        return service(user=data.user, service=data.service, job_id=data.job_id, **common)
-    if data.kind == "checkout":
-        if not data.checkout_id:
-            raise InvalidRequest("checkout_id is required for a checkout.")
-        return usage_checkout(checkout_id=data.checkout_id, user=data.user, service=data.service,
-                              job_id=data.job_id, **common)
+        return
     if not data.checkout_id:
-        raise InvalidRequest("checkout_id is required for a return.")
-    if data.user or data.service or data.job_id:
+        raise InvalidRequest(f"checkout_id is required for a {data.kind}.")
+    if data.kind == "return" and (data.user or data.service or data.job_id):
         raise InvalidRequest("A return takes user, service and job_id from its checkout: leave them out.")
-    return usage_return(checkout_id=data.checkout_id, **common)
+
+
+def _usage_request(data: UsageIn, product: Product) -> UsageRequest:
+    return UsageRequest(kind=data.kind, product=product, quantity=data.quantity,
+                        idempotency_key=data.idempotency_key, user=data.user, service=data.service,
+                        job_id=data.job_id, checkout_id=data.checkout_id, occurred_at=data.occurred_at)
+
+
+def _record(*, team: Team, actor: Actor, data: UsageIn, product: Product, now: datetime) -> Outcome:
+    """One usage event through its service (the service opens its own (nested) transaction)."""
+    _check_event(data, now)
+    return usage_record(team=team, request=_usage_request(data, product), actor=actor, now=now)
 
 
 # -- endpoints -------------------------------------------------------------------------------
@@ -556,29 +553,30 @@ def post_usage_batch(request: HttpRequest, data: BatchIn):
             parsed.append(NotFound(f"Unknown product {event.product!r}."))
             continue
         parsed.append(event)
-    used = sorted({products[e.product].pk for e in parsed if isinstance(e, UsageIn)})
+    valid: list[tuple[int, UsageIn]] = []
+    for index, event in enumerate(parsed):
+        if isinstance(event, UsageIn):
+            try:
+                _check_event(event, timezone.now())
+            except UsageError as exc:
+                parsed[index] = exc
+                continue
+            valid.append((index, event))
+    requests = [_usage_request(event, products[event.product]) for _, event in valid]
 
     def run() -> list[dict]:
-        now = timezone.now()
-        results = []
-        with transaction.atomic():
-            # Lock every balance the batch touches, in a fixed order, before any write:
-            # two batches of one team then queue instead of deadlocking each other.
-            list(TeamProduct.objects.for_team(team).filter(product_id__in=used)
-                 .select_for_update().order_by("product_id").values_list("pk", flat=True))
-            for index, event in enumerate(parsed):
-                if isinstance(event, UsageError):
-                    results.append(_batch_error(index, event))
-                    continue
-                try:
-                    # Each service call runs in its own savepoint (a nested atomic block):
-                    # a rejected event rolls back alone.
-                    outcome = _record(team=team, actor=actor, data=event, product=products[event.product], now=now)
-                except UsageError as exc:
-                    results.append(_batch_error(index, exc))
-                    continue
-                results.append({"index": index, "status": outcome.status_code, "replayed": outcome.replayed,
-                                "body": outcome.body})
+        # One transaction; the service locks the balances in a fixed order and writes in bulk.
+        outcomes = usage_record_many(team=team, requests=requests, actor=actor, now=timezone.now())
+        results: list[dict | None] = [None] * len(parsed)
+        for index, event in enumerate(parsed):
+            if isinstance(event, UsageError):
+                results[index] = _batch_error(index, event)
+        for (index, _), outcome in zip(valid, outcomes, strict=True):
+            if isinstance(outcome, UsageError):
+                results[index] = _batch_error(index, outcome)
+            else:
+                results[index] = {"index": index, "status": outcome.status_code, "replayed": outcome.replayed,
+                                  "body": outcome.body}
         return results
 
     return api.create_response(request, {"results": _with_retry(run)}, status=200)
