@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -129,6 +130,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files (CSS, htmx, plotly.js) from the app itself, also with DEBUG off:
+    # no CDN and no separate file server needed.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -201,6 +205,12 @@ STATICFILES_DIRS = [
     ("vendor/plotly", _plotly_package_data()),
 ]
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# Serve straight from the app and package folders, so nothing breaks before (or without)
+# collectstatic; docker compose still collects them into the static volume.
+WHITENOISE_USE_FINDERS = True
+# STATIC_ROOT exists only after collectstatic; until then the finders serve everything.
+warnings.filterwarnings("ignore", message=r"No directory at: .*staticfiles", category=UserWarning)
+WHITENOISE_MAX_AGE = 3600
 
 # Email: console in the embedded default, SMTP when EMAIL_HOST is set.
 EMAIL_HOST = env_str("EMAIL_HOST")
