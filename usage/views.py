@@ -7,6 +7,7 @@ Every view resolves its team first with ``get_team_for_user`` (404 to outsiders,
 from __future__ import annotations
 
 import csv
+import html
 from dataclasses import dataclass
 from datetime import date
 from urllib.parse import urlencode
@@ -16,6 +17,7 @@ from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpRespons
 from django.shortcuts import render
 from django.urls import reverse
 from django.utils.cache import patch_vary_headers
+from django.utils.safestring import mark_safe
 
 from products.models import Product, TeamProduct
 from products.selectors import product_balance
@@ -129,6 +131,15 @@ def display_rows(table: charts.Table) -> list[list[str]]:
     return [[f"{v:,}" if isinstance(v, int) else str(v) for v in row] for row in table.rows]
 
 
+def rows_html(rows: list[list[str]]) -> str:
+    """The table body, built here: a year of days through the template engine cost ~25 ms."""
+    esc = html.escape  # plain strings (display_rows): the stdlib escape is ~20x faster than Django's
+    return mark_safe("\n".join(  # noqa: S308 (every value is escaped)
+        f'<tr><th scope="row">{esc(row[0])}</th>' + "".join(f"<td>{esc(v)}</td>" for v in row[1:]) + "</tr>"
+        for row in rows
+    ))
+
+
 def export_filename(team: Team, product: Product, query: UsageQuery) -> str:
     suffix = FILE_SUFFIX[query.granularity if query.tab == "usage" else query.tab]
     return f"{team.slug}_{product.code}_{query.start.isoformat()}_{query.end.isoformat()}_{suffix}.csv"
@@ -151,6 +162,7 @@ def product_detail(request: HttpRequest, slug: str, code: str) -> HttpResponse:
         table = _table(team, product, query)
         context["table"] = table
         context["rows"] = display_rows(table)
+        context["rows_html"] = rows_html(context["rows"])
         if not table.is_empty:
             fig = _figure(product, table, query)
             context["figure"], context["caption"] = charts.figure_json(fig), charts.caption(fig)
