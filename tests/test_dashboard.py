@@ -16,6 +16,7 @@ from django.utils import timezone
 from products.models import Refresh
 from products.selectors import team_balances
 from teams.models import Membership, Role
+from teams.views import render_cards
 from usage.actors import Actor
 from usage.services import usage_consume
 
@@ -143,10 +144,11 @@ def test_runs_out_forecast_shown_only_when_known(rf, admin_client, world):
     balance = team_balances(team)[0]
     balance.runs_out_in_days = 12
     context = {"team": team, "now": timezone.now(), "poll_seconds": 10,
-               "cards": [{"balance": balance, "details_url": "/x/"}]}
+               "cards": render_cards(team, [balance])}
     html = render_to_string("teams/dashboard.html#cards", context, request=rf.get("/"))
     assert "Runs out in ~12 days" in text(card_html(html, "cloud-tokens"))
     balance.runs_out_in_days = 1
+    context["cards"] = render_cards(team, [balance])  # a changed forecast is a different card
     html = render_to_string("teams/dashboard.html#cards", context, request=rf.get("/"))
     assert "Runs out in ~1 day " in text(card_html(html, "cloud-tokens")) + " "
 
@@ -364,3 +366,20 @@ def test_logout_is_a_post(admin_client):
     page = admin_client.get(reverse("teams:picker")).content.decode()
     assert f'method="post" action="{reverse("logout")}"' in page
     assert admin_client.post(reverse("logout"))["Location"] == reverse("login")
+
+
+def test_cached_cards_never_show_old_numbers(client, world):
+    """Cards are cached by what they show: a poll after a consumption shows the new balance."""
+    team, tokens = world["team"], world["tokens"]
+    make_grant(team, tokens, 1000)
+    make_grant(team, world["pool"], 10)
+    client.force_login(world["members"]["primary_admin"])
+    poll = {"HTTP_HX_REQUEST": "true", "HTTP_HX_TARGET": "cards"}
+    first = client.get(dashboard_url(team), **poll).content.decode()
+    assert 'data-available="1000"' in card_html(first, "cloud-tokens")
+    usage_consume(team=team, product=tokens, quantity=250, idempotency_key=key(), actor=Actor.system("t"))
+    second = client.get(dashboard_url(team), **poll).content.decode()
+    assert 'data-available="750"' in card_html(second, "cloud-tokens")
+    assert "750 of 1,000 available" in " ".join(card_html(second, "cloud-tokens").split()).replace(
+        "<strong>", "").replace("</strong>", "")
+    assert card_html(second, "asset-pool") == card_html(first, "asset-pool")  # unchanged card, same HTML
