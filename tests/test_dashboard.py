@@ -383,3 +383,16 @@ def test_cached_cards_never_show_old_numbers(client, world):
     assert "750 of 1,000 available" in " ".join(card_html(second, "cloud-tokens").split()).replace(
         "<strong>", "").replace("</strong>", "")
     assert card_html(second, "asset-pool") == card_html(first, "asset-pool")  # unchanged card, same HTML
+
+
+def test_home_returns_to_the_team_opened_last_even_seconds_apart(client, world):
+    user = world["members"]["primary_admin"]
+    MembershipFactory(team=world["other"], user=user, role=Role.SECONDARY_ADMIN)
+    client.force_login(user)
+    for team in (world["team"], world["other"], world["team"]):
+        assert client.get(dashboard_url(team)).status_code == 200
+        assert client.get(reverse("home"))["Location"] == dashboard_url(team)
+    # Reloading the same dashboard writes nothing new within a few minutes.
+    seen = Membership.objects.get(user=user, team=world["team"]).last_seen_at
+    client.get(dashboard_url(world["team"]))
+    assert Membership.objects.get(user=user, team=world["team"]).last_seen_at == seen
