@@ -9,6 +9,7 @@ the event-by-event path (each in its own savepoint), which has the same semantic
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -114,7 +115,8 @@ class _Planned:
     carried: int | None
     available: int
     total: int
-    event: Event | None = None
+    event_id: int | None = None
+    response: dict | None = None
 
 
 def _record_fast(team: Team, requests: list[UsageRequest], actor: Actor, now: datetime) -> list[Outcome | UsageError]:
@@ -175,7 +177,7 @@ def _record_fast(team: Team, requests: list[UsageRequest], actor: Actor, now: da
     if planned:
         _write(team, actor, planned, balances, carry)
     for plan in planned:
-        results[plan.index] = Outcome(201, plan.event.response, event_id=plan.event.pk)
+        results[plan.index] = Outcome(201, plan.response, event_id=plan.event_id)
     return [_resolve(r) for r in results]
 
 
@@ -183,41 +185,63 @@ def _resolve(result) -> Outcome | UsageError:
     if isinstance(result, Event):
         return Outcome(result.status_code, result.response, replayed=True, event_id=result.pk)
     if isinstance(result, _Planned):
-        return Outcome(result.event.status_code, result.event.response, replayed=True, event_id=result.event.pk)
+        return Outcome(201, result.response, replayed=True, event_id=result.event_id)
     return result
 
 
 def _write(team: Team, actor: Actor, planned: list[_Planned], balances, carry) -> None:
     # 1. Claim the keys (a concurrent claim of one of them raises IntegrityError: see caller).
-    events = Event.objects.bulk_create([
-        Event(team=team, key=p.request.idempotency_key, fingerprint=p.fp, operation=p.operation, request=p.payload,
-              status_code=201, api_key=actor.api_key, actor_user=actor.user)
-        for p in planned
-    ])
-    for plan, event in zip(planned, events, strict=True):
-        body = {"id": event.pk, "product": plan.request.product.code, "available": plan.available,
-                "total": plan.total, "kind": plan.operation, "quantity": plan.request.quantity,
-                "charged": plan.charged}
-        if plan.carried is not None:
-            body["carried"] = plan.carried
-        event.response = body
-        plan.event = event
-    Event.objects.bulk_update(events, ["response"])
+    # Each stored response names its own event id. On PostgreSQL the ids are reserved first
+    # and events and ledger rows go in with COPY (no model instances); elsewhere bulk_create.
+    connection = transaction.get_connection()
+    copy = connection.vendor == "postgresql"
+    members = _members(team, {p.request.user for p in planned if p.request.user})
+    actor_fields = actor.entry_fields()
+    recorded = timezone.now()
+    if copy:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)",
+                           [Event._meta.db_table, len(planned)])
+            for plan, (pk,) in zip(planned, cursor.fetchall(), strict=True):
+                plan.event_id, plan.response = pk, _response(plan, pk)
+        api_key_id = actor.api_key.pk if actor.api_key else None
+        user_id = actor.user.pk if actor.user else None
+        _copy(connection, Event, ["id", "team_id", "key", "fingerprint", "operation", "request", "status_code",
+                                  "response", "api_key_id", "actor_user_id", "created_at"],
+              ((p.event_id, team.pk, p.request.idempotency_key, p.fp, p.operation, json.dumps(p.payload), 201,
+                json.dumps(p.response), api_key_id, user_id, recorded) for p in planned))
+    else:
+        events = Event.objects.bulk_create([
+            Event(team=team, key=p.request.idempotency_key, fingerprint=p.fp, operation=p.operation,
+                  request=p.payload, status_code=201, api_key=actor.api_key, actor_user=actor.user)
+            for p in planned
+        ])
+        for plan, event in zip(planned, events, strict=True):
+            plan.event_id = event.pk
+            event.response = plan.response = _response(plan, event.pk)
+        Event.objects.bulk_update(events, ["response"])
 
     # 2. Ledger rows, one per (event, lot) draw.
-    members = _members(team, {p.request.user for p in planned if p.request.user})
-    entries = []
     moved: dict[int, int] = defaultdict(int)
+    rows = []
     for plan in planned:
         r = plan.request
         for lot, take in plan.draws:
             moved[lot.pk] += take
-            entries.append(LedgerEntry(
-                team=team, product=r.product, lot=lot, grant_id=lot.grant_id, kind=Kind.CONSUME, delta=-take,
-                amount=take, occurred_at=plan.at, user=r.user, member_id=members.get(r.user),
-                service=r.service, job_id=r.job_id, event=plan.event, **actor.entry_fields(),
-            ))
-    LedgerEntry.objects.bulk_create(entries, batch_size=2000)
+            rows.append((team.pk, r.product.pk, lot.pk, lot.grant_id, Kind.CONSUME.value, -take, take, plan.at,
+                         recorded, actor_fields["actor"], user_id if copy else None, api_key_id if copy else None,
+                         r.user, members.get(r.user), r.service, r.job_id, plan.event_id, ""))
+    if copy:
+        _copy(connection, LedgerEntry, ["team_id", "product_id", "lot_id", "grant_id", "kind", "delta", "amount",
+                                        "occurred_at", "recorded_at", "actor", "actor_user_id", "actor_api_key_id",
+                                        "user", "member_id", "service", "job_id", "event_id", "note"], rows)
+    else:
+        LedgerEntry.objects.bulk_create([
+            LedgerEntry(team_id=row[0], product_id=row[1], lot_id=row[2], grant_id=row[3], kind=row[4],
+                        delta=row[5], amount=row[6], occurred_at=row[7], user=row[12], member_id=row[13],
+                        service=row[14], job_id=row[15], event_id=row[16], **actor_fields)
+            for row in rows
+        ], batch_size=2000)
 
     # 3. Lots and metered carries, once each (conditional: never below zero).
     for lot_id, take in moved.items():
@@ -243,6 +267,24 @@ def _write(team: Team, actor: Actor, planned: list[_Planned], balances, carry) -
     _upsert_many(DailyBreakdown, ("team_id", "product_id", "day", "service", "user"),
                  [((team.pk, pid, day, service, user), amounts)
                   for (pid, day, service, user), amounts in per_group.items()])
+
+
+def _copy(connection, model, columns: list[str], rows) -> None:
+    """COPY rows into a model's table (PostgreSQL): the fastest way in, checks and triggers included."""
+    qn = connection.ops.quote_name
+    sql = f"COPY {qn(model._meta.db_table)} ({', '.join(qn(c) for c in columns)}) FROM STDIN"
+    connection.ensure_connection()
+    with connection.connection.cursor() as cursor, cursor.copy(sql) as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def _response(plan: _Planned, event_id: int) -> dict:
+    body = {"id": event_id, "product": plan.request.product.code, "available": plan.available,
+            "total": plan.total, "kind": plan.operation, "quantity": plan.request.quantity, "charged": plan.charged}
+    if plan.carried is not None:
+        body["carried"] = plan.carried
+    return body
 
 
 def _members(team: Team, identifiers: set[str]) -> dict[str, int]:
