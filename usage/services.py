@@ -62,16 +62,9 @@ def _idempotent(team: Team, key: str, operation: str, payload: dict, actor: Acto
         raise InvalidRequest("idempotency_key must be 1 to 255 characters.")
     fp = fingerprint({"operation": operation, **payload})
     with transaction.atomic():
-        try:
-            # Claim the key. A concurrent request with the same key blocks here on the
-            # unique index until we commit (then it replays) or roll back (then it runs).
-            with transaction.atomic():
-                event = Event.objects.create(
-                    team=team, key=key, fingerprint=fp, operation=operation, request=payload,
-                    api_key=actor.api_key, actor_user=actor.user,
-                )
-        except IntegrityError:
-            event = None
+        # Claim the key. A concurrent request with the same key blocks here on the
+        # unique index until we commit (then it replays) or roll back (then it runs).
+        event = _claim(team, key, fp, operation, payload, actor)
         if event is None:
             existing = Event.objects.for_team(team).get(key=key)
             if existing.fingerprint != fp:
@@ -83,6 +76,34 @@ def _idempotent(team: Team, key: str, operation: str, payload: dict, actor: Acto
         event.status_code, event.response = status, body
         event.save(update_fields=["status_code", "response"])
         return Outcome(status, body, event_id=event.pk)
+
+
+def _claim(team: Team, key: str, fp: str, operation: str, payload: dict, actor: Actor) -> Event | None:
+    """Insert the key's Event, or None if the key is taken (by a committed request)."""
+    event = Event(team=team, key=key, fingerprint=fp, operation=operation, request=payload,
+                  api_key=actor.api_key, actor_user=actor.user, created_at=timezone.now())
+    connection = transaction.get_connection()
+    if connection.vendor != "postgresql":
+        try:
+            with transaction.atomic():  # savepoint: the failed insert must not spoil the transaction
+                event.save(force_insert=True)
+        except IntegrityError:
+            return None
+        return event
+    # PostgreSQL: one round trip, no savepoint (ON CONFLICT DO NOTHING on the unique key).
+    qn = connection.ops.quote_name
+    fields = [f for f in Event._meta.concrete_fields if not f.primary_key]
+    values = [f.get_db_prep_save(getattr(event, f.attname), connection) for f in fields]
+    sql = (f"INSERT INTO {qn(Event._meta.db_table)} ({', '.join(qn(f.column) for f in fields)}) "
+           f"VALUES ({', '.join(['%s'] * len(fields))}) ON CONFLICT (team_id, key) DO NOTHING RETURNING id")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    event.pk = row[0]
+    event._state.adding = False
+    return event
 
 
 def _clean_common(quantity: int, occurred_at: datetime | None, now: datetime) -> datetime:
