@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 from django.db.models import F, OuterRef, Subquery, Sum
 from django.utils import timezone
@@ -88,6 +89,15 @@ def days_label(days: int | None, verb: str) -> str:
     return f"{verb} in {days} days"
 
 
+class _GrantRow(NamedTuple):
+    pk: int
+    product_id: int
+    quantity: int
+    refresh: str
+    starts_at: datetime
+    ends_at: datetime
+
+
 def team_balances(team: Team, *, now: datetime | None = None, product: Product | None = None) -> list[Balance]:
     """Balances of every product the team has ever been granted, at ``now``.
 
@@ -119,8 +129,10 @@ def team_balances(team: Team, *, now: datetime | None = None, product: Product |
         lots_qs = lots_qs.filter(product=product)
         usage_qs = usage_qs.filter(product=product)
     holdings = list(holdings)
-    grants = list(grants_qs)
-    lots = {(lot.grant_id, lot.period_start): lot for lot in lots_qs}
+    # Plain rows, not model instances: building them was a third of a 50-product dashboard.
+    grants = [_GrantRow(*row) for row in grants_qs.values_list(*_GrantRow._fields)]
+    lots = {(grant_id, start): remaining
+            for grant_id, start, remaining in lots_qs.values_list("grant_id", "period_start", "remaining")}
     net_consumed = dict(
         usage_qs.values("product_id").annotate(net=Sum(F("consumed") - F("refunded"))).values_list("product_id", "net")
     )
@@ -145,9 +157,9 @@ def team_balances(team: Team, *, now: datetime | None = None, product: Product |
                 acc["refreshes_at"] = nxt
         else:
             start = grant.starts_at
-        lot = lots.get((grant.pk, start))
+        remaining = lots.get((grant.pk, start))
         acc["total"] += grant.quantity
-        acc["available"] += lot.remaining if lot is not None else grant.quantity
+        acc["available"] += remaining if remaining is not None else grant.quantity
         if acc["ends_at"] is None or grant.ends_at > acc["ends_at"]:
             acc["ends_at"] = grant.ends_at
 
