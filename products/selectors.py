@@ -98,7 +98,8 @@ class _GrantRow(NamedTuple):
     ends_at: datetime
 
 
-def team_balances(team: Team, *, now: datetime | None = None, product: Product | None = None) -> list[Balance]:
+def team_balances(team: Team, *, now: datetime | None = None, product: Product | None = None,
+                  code: str | None = None) -> list[Balance]:
     """Balances of every product the team has ever been granted, at ``now``.
 
     Four queries whatever the number of products (the fourth: the last 30 days'
@@ -128,6 +129,11 @@ def team_balances(team: Team, *, now: datetime | None = None, product: Product |
         grants_qs = grants_qs.filter(product=product)
         lots_qs = lots_qs.filter(product=product)
         usage_qs = usage_qs.filter(product=product)
+    if code is not None:  # one product by its code: no separate product lookup
+        holdings = holdings.filter(product__code=code)
+        grants_qs = grants_qs.filter(product__code=code)
+        lots_qs = lots_qs.filter(product__code=code)
+        usage_qs = usage_qs.filter(product__code=code)
     holdings = list(holdings)
     # Plain rows, not model instances: building them was a third of a 50-product dashboard.
     grants = [_GrantRow(*row) for row in grants_qs.values_list(*_GrantRow._fields)]
@@ -189,4 +195,10 @@ def team_balances(team: Team, *, now: datetime | None = None, product: Product |
 
 def product_balance(team: Team, product: Product, *, now: datetime | None = None) -> Balance | None:
     balances = team_balances(team, now=now, product=product)
+    return balances[0] if balances else None
+
+
+def held_product_balance(team: Team, code: str, *, now: datetime | None = None) -> Balance | None:
+    """The balance of the product ``code`` if the team holds it (has ever been granted it)."""
+    balances = team_balances(team, now=now, code=code)
     return balances[0] if balances else None

@@ -19,6 +19,14 @@ def api_key_create(*, team: Team, name: str = "default", created_by=None) -> tup
 SEEN_GRANULARITY = timedelta(minutes=5)
 
 
+def membership_needs_mark(membership: Membership, others_seen: list, now: datetime) -> bool:
+    """Whether opening this team changes what ``/`` answers (saves a write on reloads)."""
+    seen = membership.last_seen_at
+    if seen is None or seen < now - SEEN_GRANULARITY:
+        return True
+    return any(other is not None and other >= seen for other in others_seen)
+
+
 def membership_mark_seen(*, membership: Membership, now: datetime | None = None) -> None:
     """Remember when the member last opened a team page (``/`` returns them there).
 

@@ -21,8 +21,8 @@ from django.views.decorators.http import require_GET
 from products.selectors import team_balances
 
 from .access import get_team_for_user
-from .models import Membership, Team
-from .services import membership_mark_seen
+from .models import ADMIN_ROLES, Membership, Team
+from .services import membership_mark_seen, membership_needs_mark
 
 POLL_SECONDS = 10
 CARD_TEMPLATE = "teams/dashboard.html#card"
@@ -134,8 +134,12 @@ def dashboard(request: HttpRequest, slug: str) -> HttpResponse:
         # The 10-second poll: the card grid only, no writes, a fixed number of queries.
         response = render(request, "teams/dashboard.html#cards", context)
     else:
-        membership_mark_seen(membership=membership, now=now)
-        context["admin_teams"] = list(Team.objects.administered_by(request.user).order_by("name"))
+        # One query gives the team selector and when each of the user's teams was last seen.
+        admin_of = list(Membership.objects.filter(user=request.user, role__in=ADMIN_ROLES)
+                        .select_related("team").order_by("team__name"))
+        context["admin_teams"] = [m.team for m in admin_of]
+        if membership_needs_mark(membership, [m.last_seen_at for m in admin_of if m.pk != membership.pk], now):
+            membership_mark_seen(membership=membership, now=now)
         response = render(request, "teams/dashboard.html", context)
     # Same URL, two representations: caches must key on the htmx header.
     patch_vary_headers(response, ["HX-Request"])

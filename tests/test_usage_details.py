@@ -321,3 +321,18 @@ def test_service_names_cannot_break_out_of_the_chart_json(data, client, api_acto
         # Escaped in the page, and for Plotly too (it reads <b>/<a> in labels as markup).
         assert html.escape(name, quote=False) in figure(r)["data"][0]["y"]
         assert html.escape(name) in r.content.decode().split("<tbody>")[1]
+
+
+def test_details_header_shows_the_forecast(client, world):
+    from usage.actors import Actor
+    from usage.services import usage_consume
+
+    from .conftest import key
+
+    team, tokens = world["team"], world["tokens"]
+    make_grant(team, tokens, 100, days=365)
+    usage_consume(team=team, product=tokens, quantity=60, idempotency_key=key(), actor=Actor.system("t"))
+    client.force_login(world["members"]["primary_admin"])
+    page = client.get(reverse("usage:product_detail", kwargs={"slug": team.slug, "code": tokens.code}))
+    # 60 used in the last 30 days: 2 a day, 40 left -> about 20 days, well before the end.
+    assert "Runs out in ~20 days" in page.content.decode()

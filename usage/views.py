@@ -20,7 +20,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.safestring import mark_safe
 
 from products.models import Product, TeamProduct
-from products.selectors import product_balance
+from products.selectors import held_product_balance
 from teams.access import get_team_for_user
 from teams.models import Team
 
@@ -148,14 +148,17 @@ def export_filename(team: Team, product: Product, query: UsageQuery) -> str:
 @login_required
 def product_detail(request: HttpRequest, slug: str, code: str) -> HttpResponse:
     team, membership = get_team_for_user(request, slug)
-    product = _team_product(team, code)
+    balance = held_product_balance(team, code)  # the header's numbers, and the product (404 if not held)
+    if balance is None:
+        raise Http404("No such product for this team.")
+    product = balance.product
     if request.GET.get("format") == "csv":
         return _export(team, product, parse_query(request, team, product))
     query = parse_query(request, team, product)
     base_url = reverse("usage:product_detail", kwargs={"slug": team.slug, "code": product.code})
     context = {
         "team": team, "membership": membership, "product": product, "query": query, "base_url": base_url,
-        "balance": product_balance(team, product),
+        "balance": balance,
         "table": None, "rows": [], "figure": None,
     }
     if not query.error:
