@@ -40,7 +40,7 @@ from teams.models import ApiKey, Team
 
 from .actors import Actor
 from .batch import UsageRequest, usage_record, usage_record_many
-from .errors import InvalidRequest, NotFound, UsageError
+from .errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited, Unavailable, UsageError
 from .history import GRANULARITIES, resolve_range, team_today, usage_series
 from .services import Outcome, job_refund
 
@@ -59,25 +59,6 @@ WRITE_ATTEMPTS = 3
 
 
 # -- errors ------------------------------------------------------------------------------
-
-
-class PayloadTooLarge(UsageError):
-    code = "payload_too_large"
-    status_code = 413
-
-
-class RateLimited(UsageError):
-    code = "rate_limited"
-    status_code = 429
-
-    def __init__(self, message: str, *, retry_after: int):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class Unavailable(UsageError):
-    code = "unavailable"
-    status_code = 503
 
 
 def error_body(code: str, message: str) -> dict:

@@ -44,3 +44,25 @@ class CheckoutExceeded(UsageError):
 class CheckoutExists(UsageError):
     code = "checkout_exists"
     status_code = 409
+
+
+# Transport-level errors of the HTTP API (same JSON shape).
+
+
+class PayloadTooLarge(UsageError):
+    code = "payload_too_large"
+    status_code = 413
+
+
+class RateLimited(UsageError):
+    code = "rate_limited"
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(UsageError):
+    code = "unavailable"
+    status_code = 503
