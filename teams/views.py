@@ -12,7 +12,7 @@ from django.db.models import F
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
-from django.urls import NoReverseMatch, reverse
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.cache import patch_vary_headers
 from django.utils.safestring import mark_safe
@@ -69,20 +69,12 @@ def render_cards(team: Team, balances) -> list[dict]:
     return cards
 
 
-def _url_or_none(name: str, **kwargs) -> str | None:
-    """Reverse a page another app provides; None while that page does not exist yet."""
-    try:
-        return reverse(name, kwargs=kwargs)
-    except NoReverseMatch:
-        return None
-
-
-def _my_usage_url(slug: str) -> str | None:
-    return _url_or_none("usage:my_usage", slug=slug)
+def _my_usage_url(slug: str) -> str:
+    return reverse("usage:my_usage", kwargs={"slug": slug})
 
 
 def _product_url(slug: str, code: str) -> str:
-    return _url_or_none("usage:product_detail", slug=slug, code=code) or f"/teams/{slug}/products/{code}/"
+    return reverse("usage:product_detail", kwargs={"slug": slug, "code": code})
 
 
 @require_GET
@@ -101,9 +93,7 @@ def home(request: HttpRequest) -> HttpResponse:
         if len(memberships) == 1:
             return redirect("teams:dashboard", slug=admin_of[0].team.slug)
     elif len(memberships) == 1 or (memberships and memberships[0].last_seen_at is not None):
-        url = _my_usage_url(memberships[0].team.slug)
-        if url:
-            return redirect(url)
+        return redirect(_my_usage_url(memberships[0].team.slug))
     return redirect("teams:picker")
 
 

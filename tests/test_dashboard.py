@@ -10,7 +10,7 @@ from django.contrib.humanize.templatetags.humanize import intcomma
 from django.db import connection, reset_queries
 from django.template.loader import render_to_string
 from django.test.utils import CaptureQueriesContext
-from django.urls import NoReverseMatch, reverse
+from django.urls import reverse
 from django.utils import timezone
 
 from products.models import Refresh
@@ -305,11 +305,7 @@ def test_home_sends_plain_user_to_my_usage(client, world):
     client.force_login(world["members"]["user"])
     response = client.get("/")
     assert response.status_code == 302
-    try:
-        expected = reverse("usage:my_usage", kwargs={"slug": "acme"})
-    except NoReverseMatch:  # the "My usage" page is built separately; until then: the picker
-        expected = reverse("teams:picker")
-    assert response["Location"] == expected
+    assert response["Location"] == reverse("usage:my_usage", kwargs={"slug": "acme"})
 
 
 def test_home_without_teams_shows_the_picker_message(client, db):
