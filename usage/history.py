@@ -186,33 +186,48 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
             row["closing_checked_out"] = level
             row["peak_checked_out"] = level
 
-    buckets = {s: Bucket(start=s) for s in bucket_starts(start, end, granularity)}
     by_day = {row["day"]: row for row in rows}
     closing = opening
-    day = start
-    while day <= end:  # a Python walk over at most ~1100 days: no query per day
-        bucket = buckets[bucket_start(day, granularity)]
-        row = by_day.get(day)
-        if row is None:
-            peak = closing  # nothing happened: yesterday's level held all day
-        else:
-            for name in AMOUNT_FIELDS:
-                setattr(bucket, name, getattr(bucket, name) + (row[name] or 0))
-            if user is None:
-                # The day opened at yesterday's closing level, which the rollup's peak
-                # (the highest level after a write) does not include.
-                peak = max(row["peak_checked_out"] or 0, closing)
+    one_day = timedelta(days=1)
+    result = []
+    # A Python walk over at most ~1100 days, bucket by bucket: no query per day, and the
+    # sums kept in locals (this loop is most of a year-long page's time).
+    for first in bucket_starts(start, end, granularity):
+        bucket = Bucket(start=first)
+        consumed = refunded = checked_out = returned = raw_usage = 0
+        peak_max = 0
+        day = max(first, start)
+        last = min(next_bucket(first, granularity) - one_day, end)
+        while day <= last:
+            row = by_day.get(day)
+            if row is None:
+                peak = closing  # nothing happened: yesterday's level held all day
             else:
-                peak = row["peak_checked_out"]
-            closing = row["closing_checked_out"] or 0
-            if track_balance:
-                balance += row["granted"] - row["consumed"] + row["refunded"] - row["expired"]
+                consumed += row["consumed"] or 0
+                refunded += row["refunded"] or 0
+                checked_out += row["checked_out"] or 0
+                returned += row["returned"] or 0
+                raw_usage += row["raw_usage"] or 0
+                if user is None:
+                    # The day opened at yesterday's closing level, which the rollup's peak
+                    # (the highest level after a write) does not include.
+                    peak = max(row["peak_checked_out"] or 0, closing)
+                else:
+                    peak = row["peak_checked_out"]
+                closing = row["closing_checked_out"] or 0
+                if track_balance:
+                    balance += row["granted"] - row["consumed"] + row["refunded"] - row["expired"]
+            if peak > peak_max:
+                peak_max = peak
+            day += one_day
+        bucket.consumed, bucket.refunded, bucket.checked_out = consumed, refunded, checked_out
+        bucket.returned, bucket.raw_usage = returned, raw_usage
         if track_level:
-            bucket.peak_checked_out = max(bucket.peak_checked_out, peak)
+            bucket.peak_checked_out = peak_max
         if track_balance:
             bucket.available = balance  # the last day of the bucket leaves its closing balance
-        day += timedelta(days=1)
-    return list(buckets.values())
+        result.append(bucket)
+    return result
 
 
 # -- breakdowns --------------------------------------------------------------------------
