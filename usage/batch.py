@@ -14,10 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
-from django.db.models.functions import Lower
+from django.db.models import F
 from django.utils import timezone
 
 from products.models import CapacityType, Lot, Product, TeamProduct
@@ -26,7 +24,7 @@ from teams.models import Team
 
 from .actors import Actor
 from .errors import IdempotencyConflict, InsufficientBalance, InvalidRequest, UsageError
-from .ledger import CAPACITY_FIELDS, ROLLUP_FIELDS, plan_draw, prepare_balance, totals
+from .ledger import CAPACITY_FIELDS, ROLLUP_FIELDS, members_for, plan_draw, prepare_balance, totals
 from .models import DailyBreakdown, DailyRollup, Event, Kind, LedgerEntry
 from .services import (
     Outcome,
@@ -195,7 +193,7 @@ def _write(team: Team, actor: Actor, planned: list[_Planned], balances, carry) -
     # and events and ledger rows go in with COPY (no model instances); elsewhere bulk_create.
     connection = transaction.get_connection()
     copy = connection.vendor == "postgresql"
-    members = _members(team, {p.request.user for p in planned if p.request.user})
+    members = members_for(team, {p.request.user for p in planned})
     actor_fields = actor.entry_fields()
     recorded = timezone.now()
     if copy:
@@ -285,26 +283,6 @@ def _response(plan: _Planned, event_id: int) -> dict:
     if plan.carried is not None:
         body["carried"] = plan.carried
     return body
-
-
-def _members(team: Team, identifiers: set[str]) -> dict[str, int]:
-    """Usage identifier -> team member id (as ledger.member_for, for all identifiers at once)."""
-    if not identifiers:
-        return {}
-    users = list(
-        get_user_model().objects.filter(memberships__team=team)
-        .annotate(email_lower=Lower("email"))
-        .filter(Q(email_lower__in={i.lower() for i in identifiers}) | Q(username__in=identifiers))
-        .order_by("pk")
-        .values_list("pk", "email_lower", "username")
-    )
-    found: dict[str, int] = {}
-    for identifier in identifiers:
-        for pk, email, username in users:  # ascending pk: the first match wins, as in member_for
-            if email == identifier.lower() or username == identifier:
-                found[identifier] = pk
-                break
-    return found
 
 
 def _upsert_many(model, key_fields: tuple[str, ...], rows: list[tuple[tuple, dict]]) -> None:

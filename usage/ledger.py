@@ -262,16 +262,30 @@ def _upsert(model, key: dict, amounts: dict, *, level: int | None = None) -> Non
         cursor.execute(sql, params)
 
 
-def member_for(team: Team, identifier: str):
-    """The team member whose email or username is the usage identifier, if any."""
-    if not identifier:
-        return None
+def members_for(team: Team, identifiers: set[str]) -> dict[str, int]:
+    """Usage identifier -> id of the team member it names (email, case-insensitive, or
+    username; the lowest id wins), for any number of identifiers in one query."""
+    identifiers = {i for i in identifiers if i}
+    if not identifiers:
+        return {}
     from django.contrib.auth import get_user_model
+    from django.db.models.functions import Lower
 
-    User = get_user_model()
-    return (
-        User.objects.filter(memberships__team=team)
-        .filter(Q(email__iexact=identifier) | Q(username=identifier))
+    users = list(
+        get_user_model().objects.filter(memberships__team=team)
+        .annotate(email_lower=Lower("email"))
+        .filter(Q(email_lower__in={i.lower() for i in identifiers}) | Q(username__in=identifiers))
         .order_by("pk")
-        .first()
+        .values_list("pk", "email_lower", "username")
     )
+    found: dict[str, int] = {}
+    for identifier in identifiers:
+        for pk, email, username in users:
+            if email == identifier.lower() or username == identifier:
+                found[identifier] = pk
+                break
+    return found
+
+
+def member_id_for(team: Team, identifier: str) -> int | None:
+    return members_for(team, {identifier}).get(identifier)

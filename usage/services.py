@@ -32,7 +32,7 @@ from .errors import (
 )
 from .ledger import (
     apply_lot_delta,
-    member_for,
+    member_id_for,
     plan_draw,
     prepare_balance,
     rollup_add,
@@ -135,13 +135,13 @@ def _draw(*, team: Team, product: Product, tp: TeamProduct, lots: list[Lot], qua
             f"Not enough {product.unit} of {product.code}: {quantity} requested, {available} available.",
             available=available,
         )
-    member = member_for(team, user)
+    member_id = member_id_for(team, user)
     entries = []
     for lot, take in plan_draw(lots, quantity):
         apply_lot_delta(lot, -take)
         entries.append(LedgerEntry(
             team=team, product=product, lot=lot, grant_id=lot.grant_id, kind=kind, delta=-take, amount=take,
-            occurred_at=occurred_at, user=user, member=member, service=service, job_id=job_id,
+            occurred_at=occurred_at, user=user, member_id=member_id, service=service, job_id=job_id,
             event=event, checkout=checkout, **actor.entry_fields(),
         ))
     return LedgerEntry.objects.bulk_create(entries)
@@ -252,7 +252,7 @@ def usage_return(*, team: Team, product: Product, quantity: int, checkout_id: st
             elif entry.kind == Kind.RETURN:
                 held[entry.lot_id] -= entry.amount
         active = {lot.pk: lot for lot in lots}
-        member = member_for(team, checkout.user)
+        member_id = member_id_for(team, checkout.user)
         left = quantity
         entries = []
         for lot_id in reversed(order):  # last drawn, first returned
@@ -266,7 +266,7 @@ def usage_return(*, team: Team, product: Product, quantity: int, checkout_id: st
                 apply_lot_delta(lot, give)
             entries.append(LedgerEntry(
                 team=team, product=product, lot_id=lot_id, kind=Kind.RETURN, delta=give if lot else 0,
-                amount=give, occurred_at=at, user=checkout.user, member=member, service=checkout.service,
+                amount=give, occurred_at=at, user=checkout.user, member_id=member_id, service=checkout.service,
                 event=event, checkout=checkout, note="" if lot else "lot expired: nothing restored",
                 **actor.entry_fields(),
             ))
