@@ -129,6 +129,7 @@ def seed(plan: Plan) -> dict:
 
     from products.models import SOURCE_PRIORITY, Grant, Lot, Product, Refresh, Source, TeamProduct
     from teams.models import ApiKey, Membership, Role, Team
+    from usage.ledger import NEVER_DUE
 
     started = time.monotonic()
     now = datetime.now(UTC).replace(second=0, microsecond=0)
@@ -165,7 +166,12 @@ def seed(plan: Plan) -> dict:
             raw_keys.append(k.set_new_secret())
             keys.append(k)
         ApiKey.objects.bulk_create(keys)
-        TeamProduct.objects.bulk_create([TeamProduct(team=teams[t], product=products[p]) for t, p in holdings])
+        # Only "never" grants: as grant_create says for such a balance, no monthly period is
+        # ever due (the consume's one-round-trip path applies from the first write).
+        TeamProduct.objects.bulk_create([
+            TeamProduct(team=teams[t], product=products[p], refresh_checked_at=grant_start, refresh_due_at=NEVER_DUE)
+            for t, p in holdings
+        ])
         quantities = [grant_quantity(amount_sum(n), is_low(t, p)) for (t, p), n in zip(holdings, counts, strict=True)]
         grants = Grant.objects.bulk_create([
             Grant(team=teams[t], product=products[p], quantity=q, source=Source.PURCHASE, starts_at=grant_start,

@@ -13,7 +13,7 @@ from django.utils import timezone
 from teams.models import Team
 from usage.actors import Actor
 from usage.errors import IdempotencyConflict, InvalidRequest
-from usage.ledger import close_lot, create_lot, lock_team_product
+from usage.ledger import NEVER_DUE, close_lot, create_lot, lock_team_product
 from usage.models import Event, Kind
 
 from .models import Grant, Lot, Product, Refresh, Source, TeamProduct
@@ -111,11 +111,20 @@ def grant_create(
     if refresh == Refresh.MONTHLY:
         # A new monthly grant brings new period boundaries: the next write rechecks them.
         TeamProduct.objects.filter(pk=tp.pk).update(refresh_checked_at=None, refresh_due_at=None)
+    elif tp.refresh_checked_at is None and not _has_live_monthly_grant(tp, now):
+        # No monthly period will ever open on this balance (until a monthly grant comes):
+        # say so now, so that its first consume already takes the one-round-trip path.
+        TeamProduct.objects.filter(pk=tp.pk).update(refresh_checked_at=now, refresh_due_at=NEVER_DUE)
     if event:
         event.status_code = 201
         event.response = {"grant_id": grant.pk}
         event.save(update_fields=["status_code", "response"])
     return grant
+
+
+def _has_live_monthly_grant(tp: TeamProduct, now: datetime) -> bool:
+    return (Grant.objects.filter(team_id=tp.team_id, product_id=tp.product_id, refresh=Refresh.MONTHLY)
+            .unrevoked().filter(ends_at__gt=now).exists())
 
 
 @transaction.atomic

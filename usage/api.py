@@ -23,7 +23,7 @@ import pydantic
 from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import RequestDataTooBig
-from django.db import OperationalError
+from django.db import OperationalError, connection
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.urls import re_path
@@ -42,7 +42,7 @@ from .actors import Actor
 from .batch import UsageRequest, usage_record, usage_record_many
 from .errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited, Unavailable, UsageError
 from .history import GRANULARITIES, resolve_range, team_today, usage_series
-from .services import Outcome, job_refund
+from .services import Outcome, job_refund, usage_consume_by_code
 
 logger = logging.getLogger(__name__)
 
@@ -237,27 +237,63 @@ class ApiKeyAuth(HttpBearer):
     def authenticate(self, request: HttpRequest, token: str) -> ApiKey | None:
         if not token or len(token) > 200:
             return None
-        api_key = (
-            ApiKey.objects.select_related("team")
-            .filter(hashed_key=ApiKey.hash(token), revoked_at__isnull=True)
-            .first()
-        )
+        api_key = _active_key(token, timezone.now())
         if api_key is None:
             return None
-        _mark_used(api_key)
         _check_rate(api_key)
         return api_key
 
 
-def _mark_used(api_key: ApiKey) -> None:
-    now = timezone.now()
-    if api_key.last_used_at and api_key.last_used_at > now - LAST_USED_EVERY:
-        return  # the hot path: no write at all
-    # Conditional UPDATE: of concurrent requests in a new minute only one writes.
-    ApiKey.objects.filter(pk=api_key.pk).filter(
-        Q(last_used_at__isnull=True) | Q(last_used_at__lte=now - LAST_USED_EVERY)
-    ).update(last_used_at=now)
-    api_key.last_used_at = now
+def _active_key(token: str, now: datetime) -> ApiKey | None:
+    """The unrevoked key (with its team) of a bearer token; records ``last_used_at`` at
+    most once a minute per key (a conditional UPDATE: of concurrent requests in a new
+    minute only one writes). PostgreSQL: both in one statement."""
+    hashed = ApiKey.hash(token)
+    stale = now - LAST_USED_EVERY
+    if connection.vendor != "postgresql":
+        api_key = (ApiKey.objects.select_related("team")
+                   .filter(hashed_key=hashed, revoked_at__isnull=True).first())
+        if api_key is not None and not (api_key.last_used_at and api_key.last_used_at > stale):
+            ApiKey.objects.filter(pk=api_key.pk).filter(
+                Q(last_used_at__isnull=True) | Q(last_used_at__lte=stale)
+            ).update(last_used_at=now)
+            api_key.last_used_at = now
+        return api_key
+    with connection.cursor() as cursor:
+        cursor.execute(_ACTIVE_KEY_SQL, [hashed, now, stale])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    n = len(_KEY_FIELDS)
+    api_key = _from_row(ApiKey, _KEY_FIELDS, row[:n])
+    team = _from_row(Team, _TEAM_FIELDS, row[n:-1])
+    ApiKey._meta.get_field("team").set_cached_value(api_key, team)
+    if row[-1]:
+        api_key.last_used_at = now
+    return api_key
+
+
+def _from_row(model, fields, values):
+    """A model instance from raw column values, through each field's from_db_value (JSON)."""
+    values = [f.from_db_value(v, None, connection) if hasattr(f, "from_db_value") else v
+              for f, v in zip(fields, values, strict=True)]
+    return model.from_db(connection.alias, [f.attname for f in fields], values)
+
+
+_KEY_FIELDS = ApiKey._meta.concrete_fields
+_TEAM_FIELDS = Team._meta.concrete_fields
+# One round trip: the key and its team, and the once-a-minute last_used_at write
+# (a data-modifying CTE runs whether or not the outer query reads it).
+_ACTIVE_KEY_SQL = (
+    "WITH k AS (SELECT {key}, {team} FROM teams_apikey k JOIN teams_team t ON t.id = k.team_id"
+    " WHERE k.hashed_key = %s AND k.revoked_at IS NULL),"
+    " u AS (UPDATE teams_apikey SET last_used_at = %s WHERE id = (SELECT k_id FROM k)"
+    " AND (last_used_at IS NULL OR last_used_at <= %s) RETURNING id)"
+    " SELECT k.*, EXISTS (SELECT 1 FROM u) FROM k"
+).format(
+    key=", ".join(f'k."{f.column}" AS "k_{f.column}"' for f in _KEY_FIELDS),
+    team=", ".join(f't."{f.column}" AS "t_{f.column}"' for f in _TEAM_FIELDS),
+)
 
 
 def _check_rate(api_key: ApiKey) -> None:
@@ -505,6 +541,16 @@ def post_usage(request: HttpRequest, data: UsageIn):
     api_key: ApiKey = request.auth
     team = api_key.team
     actor = Actor.for_api_key(api_key)
+    if data.kind == "consume":
+        # PostgreSQL: product lookup and the whole write in one round trip; None: not applicable.
+        _check_event(data, timezone.now())
+        outcome = _with_retry(lambda: usage_consume_by_code(
+            team=team, product_code=data.product, quantity=data.quantity, idempotency_key=data.idempotency_key,
+            actor=actor, user=data.user, service=data.service, job_id=data.job_id, occurred_at=data.occurred_at,
+            now=timezone.now(),
+        ))
+        if outcome is not None:
+            return _json(request, outcome)
     product = _held_product(team, data.product)
     outcome = _with_retry(lambda: _record(team=team, actor=actor, data=data, product=product, now=timezone.now()))
     return _json(request, outcome)

@@ -141,7 +141,7 @@ def _record_fast(team: Team, requests: list[UsageRequest], actor: Actor, now: da
                 raise InvalidRequest(f"{product.code} is not a metered product: use kind=consume.")
             if not request.idempotency_key or len(request.idempotency_key) > 255:
                 raise InvalidRequest("idempotency_key must be 1 to 255 characters.")
-            payload = _payload(product, request.quantity, request.occurred_at, user=request.user,
+            payload = _payload(product.code, request.quantity, request.occurred_at, user=request.user,
                                service=request.service, job_id=request.job_id)
             fp = fingerprint({"operation": operation, **payload})
             earlier = existing.get(request.idempotency_key) or claimed.get(request.idempotency_key)

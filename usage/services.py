@@ -21,6 +21,7 @@ from django.utils import timezone
 from products.models import CapacityType, Lot, Product, TeamProduct
 from teams.models import Team
 
+from . import fastpath
 from .actors import Actor
 from .errors import (
     CheckoutExceeded,
@@ -58,8 +59,7 @@ def fingerprint(payload: dict) -> str:
 
 def _idempotent(team: Team, key: str, operation: str, payload: dict, actor: Actor,
                 write: Callable[[Event], tuple[int, dict]]) -> Outcome:
-    if not key or len(key) > 255:
-        raise InvalidRequest("idempotency_key must be 1 to 255 characters.")
+    _check_key(key)
     fp = fingerprint({"operation": operation, **payload})
     with transaction.atomic():
         # Claim the key. A concurrent request with the same key blocks here on the
@@ -76,6 +76,11 @@ def _idempotent(team: Team, key: str, operation: str, payload: dict, actor: Acto
         event.status_code, event.response = status, body
         event.save(update_fields=["status_code", "response"])
         return Outcome(status, body, event_id=event.pk)
+
+
+def _check_key(key: str) -> None:
+    if not key or len(key) > 255:
+        raise InvalidRequest("idempotency_key must be 1 to 255 characters.")
 
 
 def _claim(team: Team, key: str, fp: str, operation: str, payload: dict, actor: Actor) -> Event | None:
@@ -114,9 +119,9 @@ def _clean_common(quantity: int, occurred_at: datetime | None, now: datetime) ->
     return occurred_at or now
 
 
-def _payload(product: Product, quantity: int, occurred_at: datetime | None, **extra) -> dict:
+def _payload(product_code: str, quantity: int, occurred_at: datetime | None, **extra) -> dict:
     return {
-        "product": product.code, "quantity": quantity,
+        "product": product_code, "quantity": quantity,
         "occurred_at": occurred_at.isoformat() if occurred_at else None, **extra,
     }
 
@@ -155,7 +160,14 @@ def usage_consume(*, team: Team, product: Product, quantity: int, idempotency_ke
     at = _clean_common(quantity, occurred_at, now)
     if product.capacity_type != CapacityType.EXHAUSTIBLE:
         raise InvalidRequest(f"{product.code} is returnable capacity: use checkout and return.")
-    payload = _payload(product, quantity, occurred_at, user=user, service=service, job_id=job_id)
+    payload = _payload(product.code, quantity, occurred_at, user=user, service=service, job_id=job_id)
+    if fastpath.enabled():
+        try:
+            return _consume_fast(team=team, product_code=product.code, unit=product.unit, quantity=quantity,
+                                 key=idempotency_key, payload=payload, actor=actor, user=user, service=service,
+                                 job_id=job_id, at=at, now=now, not_held_is_not_found=False)
+        except fastpath.Fallback:
+            pass  # something is due on the balance (or it has no row yet): the Python path does it
 
     def write(event: Event) -> tuple[int, dict]:
         tp, lots = prepare_balance(team, product, now=now, actor=actor)
@@ -167,6 +179,41 @@ def usage_consume(*, team: Team, product: Product, quantity: int, idempotency_ke
     return _idempotent(team, idempotency_key, "consume", payload, actor, write)
 
 
+def usage_consume_by_code(*, team: Team, product_code: str, quantity: int, idempotency_key: str, actor: Actor,
+                          user: str = "", service: str = "", job_id: str = "", occurred_at: datetime | None = None,
+                          now: datetime | None = None) -> Outcome | None:
+    """The API's consume: the product is found by code in the same single round trip.
+
+    A product the team does not hold is ``NotFound``. None when the one-round-trip path
+    does not apply (not PostgreSQL, or something is due on the balance): the caller then
+    looks the product up and calls :func:`usage_consume`.
+    """
+    if not fastpath.enabled():
+        return None
+    now = now or timezone.now()
+    at = _clean_common(quantity, occurred_at, now)
+    payload = _payload(product_code, quantity, occurred_at, user=user, service=service, job_id=job_id)
+    try:
+        return _consume_fast(team=team, product_code=product_code, unit=None, quantity=quantity,
+                             key=idempotency_key, payload=payload, actor=actor, user=user, service=service,
+                             job_id=job_id, at=at, now=now, not_held_is_not_found=True)
+    except fastpath.Fallback:
+        return None
+
+
+def _consume_fast(*, team: Team, product_code: str, unit: str | None, quantity: int, key: str, payload: dict,
+                  actor: Actor, user: str, service: str, job_id: str, at: datetime, now: datetime,
+                  not_held_is_not_found: bool) -> Outcome:
+    _check_key(key)
+    status, body, replayed, event_id = fastpath.consume(
+        team=team, product_code=product_code, unit=unit, quantity=quantity, key=key,
+        fingerprint=fingerprint({"operation": "consume", **payload}), payload=payload, actor=actor,
+        user=user, service=service, job_id=job_id, occurred_at=at, now=now, wall=timezone.now(),
+        not_held_is_not_found=not_held_is_not_found,
+    )
+    return Outcome(status, body, replayed=replayed, event_id=event_id)
+
+
 def usage_metered(*, team: Team, product: Product, quantity: int, idempotency_key: str, actor: Actor,
                   user: str = "", service: str = "", job_id: str = "", occurred_at: datetime | None = None,
                   now: datetime | None = None) -> Outcome:
@@ -175,7 +222,7 @@ def usage_metered(*, team: Team, product: Product, quantity: int, idempotency_ke
     at = _clean_common(quantity, occurred_at, now)
     if not product.metered:
         raise InvalidRequest(f"{product.code} is not a metered product: use kind=consume.")
-    payload = _payload(product, quantity, occurred_at, user=user, service=service, job_id=job_id)
+    payload = _payload(product.code, quantity, occurred_at, user=user, service=service, job_id=job_id)
 
     def write(event: Event) -> tuple[int, dict]:
         tp, lots = prepare_balance(team, product, now=now, actor=actor)
@@ -201,7 +248,7 @@ def usage_checkout(*, team: Team, product: Product, quantity: int, checkout_id: 
         raise InvalidRequest(f"{product.code} is exhaustible capacity: use kind=consume.")
     if not checkout_id or len(checkout_id) > 255:
         raise InvalidRequest("checkout_id (1 to 255 characters) is required for a checkout.")
-    payload = _payload(product, quantity, occurred_at, checkout_id=checkout_id, user=user, service=service,
+    payload = _payload(product.code, quantity, occurred_at, checkout_id=checkout_id, user=user, service=service,
                        job_id=job_id)
 
     def write(event: Event) -> tuple[int, dict]:
@@ -230,7 +277,7 @@ def usage_return(*, team: Team, product: Product, quantity: int, checkout_id: st
         raise InvalidRequest(f"{product.code} is exhaustible capacity: nothing to return.")
     if not checkout_id:
         raise InvalidRequest("checkout_id is required for a return.")
-    payload = _payload(product, quantity, occurred_at, checkout_id=checkout_id)
+    payload = _payload(product.code, quantity, occurred_at, checkout_id=checkout_id)
 
     def write(event: Event) -> tuple[int, dict]:
         tp, lots = prepare_balance(team, product, now=now, actor=actor)

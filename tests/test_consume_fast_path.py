@@ -1,0 +1,241 @@
+"""The one-round-trip consume (PostgreSQL function ``usage_consume_fast``) against the
+Python path it stands in for.
+
+Two identical teams get the same random history, one with the fast path and one
+without; every answer and, at the end, every lot, ledger row, rollup, breakdown and
+stored response must be the same. The other tests pin what the fast path must do by
+itself: take one round trip when nothing is due, hand over to the Python path when a
+lot has to expire or a monthly period to open, and write nothing when it refuses.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from django.db import connection, transaction
+from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from products.models import Lot, Product, Refresh, Source
+from products.services import grant_create
+from teams.models import Role, Team
+from usage.actors import Actor
+from usage.errors import UsageError
+from usage.models import DailyBreakdown, DailyRollup, Event, LedgerEntry
+from usage.services import fingerprint, usage_consume, usage_consume_by_code
+
+from .factories import MembershipFactory, UserFactory
+
+T0 = datetime(2026, 3, 28, 22, 0, tzinfo=UTC)  # a DST change and a month end ahead
+ACTOR = Actor.system("fast-path-test")
+
+pytestmark = pytest.mark.usefixtures("require_postgres")
+
+
+def _world(suffix: str, tz: str, grants: list[tuple], products: dict[str, Product]) -> Team:
+    team = Team.objects.create(name=f"FP {suffix}", slug=f"fp-{suffix}", timezone=tz)
+    for username, email in (("ann", "Ann@Example.com"), ("bob", "bob@example.com")):
+        user = UserFactory(username=f"{username}-{suffix}", email=email.replace("@", f"+{suffix}@"))
+        MembershipFactory(team=team, user=user, role=Role.USER)
+    for code, quantity, source, monthly, start_h, days in grants:
+        grant_create(team=team, product=products[code], quantity=quantity, source=source,
+                     refresh=Refresh.MONTHLY if monthly else Refresh.NEVER,
+                     starts_at=T0 + timedelta(hours=start_h), ends_at=T0 + timedelta(hours=start_h, days=days),
+                     now=T0)
+    return team
+
+
+def _answer(call):
+    try:
+        outcome = call()
+    except UsageError as exc:
+        return ("error", exc.code, exc.message, exc.details)
+    body = {k: v for k, v in outcome.body.items() if k != "id"}
+    return ("ok", outcome.status_code, outcome.replayed, body)
+
+
+def _state(team: Team) -> dict:
+    lots = list(Lot.objects.filter(team=team).order_by("id"))
+    lot_index = {lot.pk: i for i, lot in enumerate(lots)}
+    users = {}
+    for m in team.memberships.select_related("user"):
+        users[m.user_id] = m.user.username.rsplit("-", 1)[0]
+    return {
+        "lots": [(lot.product_id, lot.period_start, lot.expires_at, lot.quantity, lot.remaining,
+                  lot.closed_at is not None) for lot in lots],
+        "ledger": [(e.product_id, lot_index.get(e.lot_id), e.kind, e.delta, e.amount, e.occurred_at, e.actor,
+                    e.user, users.get(e.member_id), e.service, e.job_id, e.event.key if e.event_id else None)
+                   for e in LedgerEntry.objects.filter(team=team).select_related("event").order_by("id")],
+        "rollups": sorted(DailyRollup.objects.filter(team=team).values_list(
+            "product_id", "day", "consumed", "refunded", "checked_out", "returned", "raw_usage", "granted",
+            "expired", "peak_checked_out", "closing_checked_out")),
+        "breakdowns": sorted(DailyBreakdown.objects.filter(team=team).values_list(
+            "product_id", "day", "service", "user", "consumed", "refunded", "checked_out", "returned",
+            "raw_usage")),
+        # (The fingerprint hashes the request: compared through the request itself.)
+        "events": [(e.key, e.fingerprint == fingerprint({"operation": e.operation, **e.request}), e.operation,
+                    e.request, e.status_code,
+                    {k: v for k, v in e.response.items() if k != "id"})
+                   for e in Event.objects.filter(team=team).order_by("id")],
+    }
+
+
+# Mostly grants that never refresh (the fast path's home ground), overlapping, with every
+# source; sometimes a monthly one (its boundaries hand over to the Python path).
+grant_st = st.tuples(
+    st.sampled_from(["fp-tokens", "fp-credits"]), st.integers(1, 60), st.sampled_from(list(Source.values)),
+    st.sampled_from([False, False, False, True]), st.integers(-10 * 24, 24), st.integers(1, 60),
+)
+step_st = st.one_of(
+    st.tuples(st.just("consume"), st.sampled_from(["fp-tokens", "fp-credits"]), st.integers(1, 40),
+              st.sampled_from(["", "ann", "ANN", "bob", "stranger@example.com"]),
+              st.sampled_from(["", "render"]), st.sampled_from(["", "job-1"]), st.integers(0, 6)),
+    st.tuples(st.just("advance"), st.integers(1, 24 * 4)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(tz=st.sampled_from(["UTC", "Europe/Paris", "America/Los_Angeles", "Asia/Kolkata"]),
+       grants=st.lists(grant_st, min_size=2, max_size=6), steps=st.lists(step_st, min_size=5, max_size=30))
+def test_fast_path_and_python_path_write_the_same(db, tz, grants, steps):
+    with transaction.atomic():
+        products = {code: Product.objects.get_or_create(code=code, defaults={"name": code})[0]
+                    for code in ("fp-tokens", "fp-credits")}
+        teams = {"fast": _world("f", tz, grants, products), "slow": _world("s", tz, grants, products)}
+        now = T0
+        for n, step in enumerate(steps):
+            if step[0] == "advance":
+                now += timedelta(hours=step[1])
+                continue
+            _, code, quantity, who, service, job, key_no = step
+            answers = {}
+            for name, team in teams.items():
+                suffix = name[0]
+                common = dict(
+                    team=team, product=products[code], quantity=quantity, actor=ACTOR, service=service, job_id=job,
+                    idempotency_key=f"k{key_no}" if key_no else f"step{n}", now=now,
+                    user=f"{who}+{suffix}@example.com" if who in ("ann", "ANN", "bob") else who,
+                )
+                with override_settings(USAGE_SQL_FAST_PATH=(name == "fast")):
+                    answers[name] = _answer(lambda common=common: usage_consume(**common))
+            assert answers["fast"] == answers["slow"], step
+        fast_state, slow_state = _state(teams["fast"]), _state(teams["slow"])
+        # Identifiers that name each team's own user differ only by the +f/+s suffix.
+        for part in ("ledger", "breakdowns", "events"):
+            fast_state[part] = [_unsuffix(row, "f") for row in fast_state[part]]
+            slow_state[part] = [_unsuffix(row, "s") for row in slow_state[part]]
+        assert fast_state == slow_state
+        transaction.set_rollback(True)
+
+
+def _unsuffix(row, suffix: str):
+    def clean(v):
+        if isinstance(v, str):
+            return v.replace(f"+{suffix}@", "@")
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+    return tuple(clean(v) for v in row)
+
+
+# -- what the fast path does by itself ------------------------------------------------------
+
+
+@pytest.fixture
+def tokens(world):
+    team, product = world["team"], world["tokens"]
+    grant_create(team=team, product=product, quantity=100, source=Source.PURCHASE, refresh=Refresh.NEVER,
+                 starts_at=T0 - timedelta(days=1), ends_at=T0 + timedelta(days=30), now=T0 - timedelta(days=1))
+    # One write through the Python path fills the balance's "nothing due until" cache.
+    usage_consume(team=team, product=product, quantity=1, idempotency_key="warm", actor=ACTOR, now=T0)
+    return world
+
+
+def test_one_round_trip_when_nothing_is_due(tokens):
+    team, product = tokens["team"], tokens["tokens"]
+    with CaptureQueriesContext(connection) as queries:
+        outcome = usage_consume(team=team, product=product, quantity=5, idempotency_key="a", actor=ACTOR,
+                                user="member", service="svc", now=T0 + timedelta(minutes=1))
+    sql = [q["sql"] for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]]
+    assert len(sql) == 1 and "usage_consume_fast" in sql[0], sql
+    assert outcome.status_code == 201 and outcome.body["available"] == 94
+
+
+def test_api_consume_is_two_statements(world, client):
+    """The key (with last_used_at) and the write: no product lookup, no transaction statements."""
+    from django.utils import timezone
+
+    from teams.services import api_key_create
+
+    now = timezone.now()
+    grant_create(team=world["team"], product=world["tokens"], quantity=100, source=Source.PURCHASE,
+                 refresh=Refresh.NEVER, starts_at=now - timedelta(days=1), ends_at=now + timedelta(days=30), now=now)
+    usage_consume(team=world["team"], product=world["tokens"], quantity=1, idempotency_key="warm", actor=ACTOR)
+    raw = api_key_create(team=world["team"], name="t")[1]
+    body = {"product": "cloud-tokens", "kind": "consume", "quantity": 2, "idempotency_key": "api-1"}
+    with CaptureQueriesContext(connection) as queries:
+        response = client.post("/api/v1/usage", body, content_type="application/json",
+                               headers={"Authorization": f"Bearer {raw}"})
+    assert response.status_code == 201, response.content
+    sql = [q["sql"] for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]]
+    assert len(sql) == 2, sql
+    assert "teams_apikey" in sql[0] and "usage_consume_fast" in sql[1]
+
+
+def test_expired_lot_hands_over_to_the_python_path(tokens):
+    team, product = tokens["team"], tokens["tokens"]
+    grant_create(team=team, product=product, quantity=10, source=Source.PROMOTION, refresh=Refresh.NEVER,
+                 starts_at=T0 - timedelta(days=1), ends_at=T0 + timedelta(hours=1), now=T0)
+    later = T0 + timedelta(hours=2)  # the promotion lot has ended; no task has closed it yet
+    outcome = usage_consume(team=team, product=product, quantity=3, idempotency_key="b", actor=ACTOR, now=later)
+    assert outcome.body["available"] == 96
+    expired = LedgerEntry.objects.get(team=team, kind="expire")
+    assert expired.delta == -10
+    with CaptureQueriesContext(connection) as queries:  # closed now: back on the fast path
+        usage_consume(team=team, product=product, quantity=1, idempotency_key="c", actor=ACTOR, now=later)
+    assert len([q for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]]) == 1
+
+
+def test_monthly_period_hands_over_to_the_python_path(world):
+    team, product = world["team"], world["tokens"]
+    grant_create(team=team, product=product, quantity=50, source=Source.SUBSCRIPTION_GIFT, refresh=Refresh.MONTHLY,
+                 starts_at=T0 - timedelta(days=40), ends_at=T0 + timedelta(days=300), now=T0 - timedelta(days=40))
+    outcome = usage_consume(team=team, product=product, quantity=5, idempotency_key="m", actor=ACTOR, now=T0)
+    assert outcome.body["available"] == 45  # this month's lot, opened by the Python path
+    assert LedgerEntry.objects.filter(team=team, kind="refresh").count() == 1
+
+
+def test_refusal_writes_nothing_and_keeps_the_callers_transaction(tokens):
+    team, product = tokens["team"], tokens["tokens"]
+    before = (LedgerEntry.objects.count(), Event.objects.count(), list(DailyRollup.objects.values_list("consumed")))
+    with transaction.atomic():
+        with pytest.raises(UsageError) as exc:
+            usage_consume(team=team, product=product, quantity=1000, idempotency_key="big", actor=ACTOR,
+                          now=T0 + timedelta(minutes=1))
+        assert exc.value.code == "insufficient_balance"
+        assert exc.value.message == "Not enough tokens of cloud-tokens: 1000 requested, 99 available."
+        assert exc.value.details == {"available": 99}
+        assert Lot.objects.filter(team=team).count() == 1  # the transaction is still usable
+    after = (LedgerEntry.objects.count(), Event.objects.count(), list(DailyRollup.objects.values_list("consumed")))
+    assert after == before
+
+
+def test_by_code_answers_for_products_the_team_does_not_hold(tokens):
+    from usage.errors import InvalidRequest, NotFound
+
+    team = tokens["team"]
+    with pytest.raises(NotFound):
+        usage_consume_by_code(team=team, product_code="no-such-product", quantity=1, idempotency_key="x",
+                              actor=ACTOR, now=T0)
+    grant_create(team=team, product=tokens["pool"], quantity=5, source=Source.PURCHASE, refresh=Refresh.NEVER,
+                 starts_at=T0 - timedelta(days=1), ends_at=T0 + timedelta(days=3), now=T0)
+    with pytest.raises(InvalidRequest, match="returnable"):
+        usage_consume_by_code(team=team, product_code="asset-pool", quantity=1, idempotency_key="y",
+                              actor=ACTOR, now=T0)
+    assert not Event.objects.filter(key__in=["x", "y"]).exists()
+
+

@@ -1,0 +1,92 @@
+"""The common consume in one database round trip (PostgreSQL).
+
+``usage_consume_fast`` (migration ``usage.0006``) does in one statement what
+``usage.services.usage_consume`` does when nothing is due on the balance. The Python
+path stays the reference: it runs on SQLite, when a lot has to expire or a monthly
+period to open (the function says so and rolls back), and when ``USAGE_SQL_FAST_PATH``
+is off. ``tests/test_consume_fast_path.py`` holds the two to the same results.
+
+Outside a transaction the statement is its own transaction (autocommit: no BEGIN or
+COMMIT round trips); inside one it runs in a savepoint so that a refusal leaves the
+caller's transaction usable.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from django.conf import settings
+from django.db import DatabaseError, connection, transaction
+
+from products.periods import local_date
+from teams.models import Team
+
+from .actors import Actor
+from .errors import IdempotencyConflict, InsufficientBalance, InvalidRequest, NotFound
+
+FALLBACK = "CPF01"  # something is due on the balance: run the Python path
+INSUFFICIENT = "CPI01"  # the message is the available amount
+
+SQL = "SELECT * FROM usage_consume_fast(" + ", ".join(["%s"] * 17) + ")"
+
+
+class Fallback(Exception):  # noqa: N818 - a signal, not an error
+    """The fast path does not apply: run the Python path."""
+
+
+def enabled() -> bool:
+    return connection.vendor == "postgresql" and settings.USAGE_SQL_FAST_PATH
+
+
+def consume(*, team: Team, product_code: str, unit: str | None, quantity: int, key: str, fingerprint: str,
+            payload: dict, actor: Actor, user: str, service: str, job_id: str, occurred_at: datetime,
+            now: datetime, wall: datetime, not_held_is_not_found: bool) -> tuple[int, dict, bool, int]:
+    """(status, body, replayed, event id) of one consume, or raise a UsageError or Fallback.
+
+    ``unit`` words the overdraft message (None: looked up only then).
+    """
+    params = [
+        team.pk, product_code, quantity, key, fingerprint, json.dumps(payload),
+        getattr(actor.api_key, "pk", None), getattr(actor.user, "pk", None), actor.label,
+        user, user.lower(), service, job_id, occurred_at, local_date(occurred_at, team.tzinfo), now, wall,
+    ]
+    try:
+        if connection.in_atomic_block:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(SQL, params)
+                row = cursor.fetchone()
+        else:
+            with connection.cursor() as cursor:
+                cursor.execute(SQL, params)
+                row = cursor.fetchone()
+    except DatabaseError as exc:
+        sqlstate = getattr(exc.__cause__, "sqlstate", None)
+        if sqlstate == FALLBACK:
+            raise Fallback(str(exc.__cause__)) from None
+        if sqlstate == INSUFFICIENT:
+            available = int(str(exc.__cause__.diag.message_primary))
+            if unit is None:
+                from products.models import Product
+
+                unit = Product.objects.values_list("unit", flat=True).get(code=product_code)
+            raise InsufficientBalance(
+                f"Not enough {unit} of {product_code}: {quantity} requested, {available} available.",
+                available=available,
+            ) from None
+        raise
+    outcome, event_id, available, total, status, response = row
+    if outcome == "ok":
+        body = {"id": event_id, "product": product_code, "available": int(available), "total": int(total),
+                "kind": "consume", "quantity": quantity, "charged": quantity}
+        return status, body, False, event_id
+    if outcome == "replay":
+        # Django's psycopg setup hands jsonb over as text (JSONField parses it itself).
+        return status, json.loads(response) if isinstance(response, str) else response, True, event_id
+    if outcome == "conflict":
+        raise IdempotencyConflict("This idempotency key was already used with a different request body.")
+    if outcome == "returnable":
+        raise InvalidRequest(f"{product_code} is returnable capacity: use checkout and return.")
+    if outcome == "not_held" and not_held_is_not_found:
+        raise NotFound(f"Unknown product {product_code!r}.")
+    raise Fallback(outcome)
