@@ -118,6 +118,34 @@ def test_last_used_at_written_at_most_once_a_minute(acme):
     assert ApiKey.objects.get(pk=api_key.pk).last_used_at > stale
 
 
+def test_last_used_at_touches_only_the_key_used(acme):
+    """The key lookup and its last_used_at write are one statement on PostgreSQL: the
+    write must hit the authenticating key only (not every stale key)."""
+    used, idle, other_team = new_key(acme["team"]), new_key(acme["team"]), new_key(acme["other"])
+    stale = timezone.now() - timedelta(minutes=5)
+    ApiKey.objects.update(last_used_at=stale)
+    assert ApiClient(used).usage().status_code == 201
+    assert ApiKey.objects.get(hashed_key=ApiKey.hash(used)).last_used_at > stale
+    for raw in (idle, other_team):
+        assert ApiKey.objects.get(hashed_key=ApiKey.hash(raw)).last_used_at == stale
+    assert ApiKey.objects.filter(last_used_at__gt=stale).count() == 1
+
+
+def test_authenticated_key_carries_its_team(acme):
+    """The raw-SQL key lookup builds the key and its team (JSON field included)."""
+    from usage.api import _active_key
+
+    acme["team"].alert_thresholds = [10, 25]
+    acme["team"].save()
+    raw = new_key(acme["team"])
+    api_key = _active_key(raw, timezone.now())
+    assert api_key.pk == ApiKey.objects.get(hashed_key=ApiKey.hash(raw)).pk
+    assert api_key.team.pk == acme["team"].pk and api_key.team.slug == "acme"
+    assert api_key.team.alert_thresholds == [10, 25]
+    assert api_key.team.tzinfo == acme["team"].tzinfo
+    assert _active_key(raw + "x", timezone.now()) is None
+
+
 def test_openapi_and_docs_need_no_key_and_no_cdn(acme):
     schema = Client().get(BASE + "/openapi.json")
     assert schema.status_code == 200
