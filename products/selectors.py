@@ -7,14 +7,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import NamedTuple
 
-from django.db.models import F, OuterRef, Subquery, Sum
+from django.db.models import F, FilteredRelation, Q, Sum
 from django.utils import timezone
 
 from teams.models import Team
 from usage.forecast import forecast_window, runs_out_in_days
 from usage.models import DailyRollup
 
-from .models import Grant, Lot, Product, Refresh, TeamProduct
+from .models import Grant, Product, Refresh, TeamProduct
 from .periods import (
     local_date,
     local_days_until,
@@ -102,43 +102,45 @@ def team_balances(team: Team, *, now: datetime | None = None, product: Product |
                   code: str | None = None) -> list[Balance]:
     """Balances of every product the team has ever been granted, at ``now``.
 
-    Four queries whatever the number of products (the fourth: the last 30 days'
-    net consumption for the forecast). Correct at read time: a monthly
+    Three queries whatever the number of products: the holdings, the grants with their
+    lots in force (one join), and the last 30 days' net consumption for the forecast. Correct at read time: a monthly
     period whose lot is not created yet counts as full (the lot appears on first use
     or with the refresh task), and lots past their end count for nothing.
     """
     now = now or timezone.now()
     tz = team.tzinfo
-    last_end = (
-        Grant.objects.filter(team=team, product=OuterRef("product"), revoked_at__isnull=True)
-        .order_by("-ends_at")
-        .values("ends_at")[:1]
+    holdings = TeamProduct.objects.for_team(team).select_related("product").order_by("product__name", "product_id")
+    # Every unrevoked grant (the ended ones give "Expired" its date) with its lot in force
+    # now, if any, in one LEFT JOIN: a monthly period whose lot is not created yet is full.
+    grants_qs = Grant.objects.for_team(team).unrevoked().annotate(
+        open_lot=FilteredRelation("lots", condition=Q(
+            lots__closed_at__isnull=True, lots__period_start__lte=now, lots__expires_at__gt=now))
     )
-    holdings = (
-        TeamProduct.objects.for_team(team)
-        .select_related("product")
-        .annotate(last_end=Subquery(last_end))
-        .order_by("product__name", "product_id")
-    )
-    grants_qs = Grant.objects.for_team(team).unrevoked().filter(ends_at__gt=now)
-    lots_qs = Lot.objects.for_team(team).filter(period_start__lte=now, expires_at__gt=now, closed_at__isnull=True)
     first_day, last_day = forecast_window(local_date(now, tz))
     usage_qs = DailyRollup.objects.for_team(team).filter(day__gte=first_day, day__lte=last_day)
     if product is not None:
         holdings = holdings.filter(product=product)
         grants_qs = grants_qs.filter(product=product)
-        lots_qs = lots_qs.filter(product=product)
         usage_qs = usage_qs.filter(product=product)
     if code is not None:  # one product by its code: no separate product lookup
         holdings = holdings.filter(product__code=code)
         grants_qs = grants_qs.filter(product__code=code)
-        lots_qs = lots_qs.filter(product__code=code)
         usage_qs = usage_qs.filter(product__code=code)
     holdings = list(holdings)
     # Plain rows, not model instances: building them was a third of a 50-product dashboard.
-    grants = [_GrantRow(*row) for row in grants_qs.values_list(*_GrantRow._fields)]
-    lots = {(grant_id, start): remaining
-            for grant_id, start, remaining in lots_qs.values_list("grant_id", "period_start", "remaining")}
+    grants: list[_GrantRow] = []
+    lots: dict[tuple[int, datetime], int] = {}
+    last_end: dict[int, datetime] = {}
+    for *fields, lot_start, lot_remaining in grants_qs.values_list(
+        *_GrantRow._fields, "open_lot__period_start", "open_lot__remaining"
+    ):
+        grant = _GrantRow(*fields)
+        if grant.product_id not in last_end or grant.ends_at > last_end[grant.product_id]:
+            last_end[grant.product_id] = grant.ends_at
+        if lot_start is not None:
+            lots[(grant.pk, lot_start)] = lot_remaining
+        if grant.ends_at > now and (not grants or grants[-1].pk != grant.pk):
+            grants.append(grant)
     net_consumed = dict(
         usage_qs.values("product_id").annotate(net=Sum(F("consumed") - F("refunded"))).values_list("product_id", "net")
     )
@@ -173,7 +175,8 @@ def team_balances(team: Team, *, now: datetime | None = None, product: Product |
     for h in holdings:
         acc = by_product[h.product_id]
         # With no active grant, show when the last one ended ("Expired").
-        ends_at = acc["ends_at"] or (h.last_end if h.last_end and h.last_end <= now else None)
+        last = last_end.get(h.product_id)
+        ends_at = acc["ends_at"] or (last if last and last <= now else None)
         refreshes_at = acc["refreshes_at"]
         # Forecast horizon: the end of the capacity in force, or its next refresh if sooner.
         horizon = min((d for d in (acc["ends_at"], refreshes_at) if d is not None), default=None)

@@ -54,8 +54,10 @@ def render_cards(team: Team, balances) -> list[dict]:
     of a 50-product team then renders only the cards that moved. One cache round trip.
     """
     cards = []
+    # One reverse() for the team, not one per card (codes are slugs: safe in a path).
+    url_pattern = _product_url(team.slug, "__code__")
     for b in balances:
-        url = _product_url(team.slug, b.product.code)
+        url = url_pattern.replace("__code__", b.product.code)
         cards.append({"balance": b, "details_url": url, "key": _card_key(team, b, url)})
     cached = cache.get_many([c["key"] for c in cards]) if cards else {}
     fresh = {}
