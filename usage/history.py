@@ -142,12 +142,15 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
     track_level = product.is_returnable
     track_balance = user is None and not product.is_returnable
     balance = 0
+    # Rows are tuples: (day, consumed, refunded, checked_out, returned, raw_usage, peak,
+    # closing, granted - expired); no model instances or dicts on a year-long page.
     if user is None:
         rows = list(
             DailyRollup.objects.for_team(team)
             .filter(product=product, day__range=(start, end))
             .order_by("day")
-            .values("day", *AMOUNT_FIELDS, "peak_checked_out", "closing_checked_out", "granted", "expired")
+            .values_list("day", *AMOUNT_FIELDS, "peak_checked_out", "closing_checked_out",
+                         F("granted") - F("expired"))
         )
         opening = 0
         if track_balance:
@@ -165,12 +168,13 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
                 .first()
             ) or 0
     else:
-        rows = list(
+        sums = (
             DailyBreakdown.objects.for_team(team)
             .filter(product=product, user=user, day__range=(start, end))
             .values("day")
             .annotate(**{name: Sum(name) for name in AMOUNT_FIELDS})
             .order_by("day")
+            .values_list("day", *AMOUNT_FIELDS)
         )
         opening = 0
         if track_level:
@@ -181,52 +185,49 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
             )
             opening = (before["out"] or 0) - (before["back"] or 0)
         level = opening
-        for row in rows:  # the user's holding at the end of each day
-            level += row["checked_out"] - row["returned"]
-            row["closing_checked_out"] = level
-            row["peak_checked_out"] = level
+        rows = []
+        for row in sums:  # the user's holding at the end of each day
+            level += (row[3] or 0) - (row[4] or 0)
+            rows.append((*row, level, level, 0))
 
-    by_day = {row["day"]: row for row in rows}
+    by_day = {row[0]: row for row in rows}
     closing = opening
     one_day = timedelta(days=1)
     result = []
     # A Python walk over at most ~1100 days, bucket by bucket: no query per day, and the
     # sums kept in locals (this loop is most of a year-long page's time).
     for first in bucket_starts(start, end, granularity):
-        bucket = Bucket(start=first)
         consumed = refunded = checked_out = returned = raw_usage = 0
         peak_max = 0
-        day = max(first, start)
-        last = min(next_bucket(first, granularity) - one_day, end)
+        day = first if first > start else start
+        last = next_bucket(first, granularity) - one_day
+        if last > end:
+            last = end
         while day <= last:
             row = by_day.get(day)
             if row is None:
                 peak = closing  # nothing happened: yesterday's level held all day
             else:
-                consumed += row["consumed"] or 0
-                refunded += row["refunded"] or 0
-                checked_out += row["checked_out"] or 0
-                returned += row["returned"] or 0
-                raw_usage += row["raw_usage"] or 0
-                if user is None:
-                    # The day opened at yesterday's closing level, which the rollup's peak
-                    # (the highest level after a write) does not include.
-                    peak = max(row["peak_checked_out"] or 0, closing)
-                else:
-                    peak = row["peak_checked_out"]
-                closing = row["closing_checked_out"] or 0
+                _, c, r, o, b, u, row_peak, row_closing, capacity = row
+                consumed += c or 0
+                refunded += r or 0
+                checked_out += o or 0
+                returned += b or 0
+                raw_usage += u or 0
+                # The whole team's day opened at yesterday's closing level, which the
+                # rollup's peak (the highest level after a write) does not include.
+                peak = (row_peak or 0) if user is not None else max(row_peak or 0, closing)
+                closing = row_closing or 0
                 if track_balance:
-                    balance += row["granted"] - row["consumed"] + row["refunded"] - row["expired"]
+                    balance += (capacity or 0) - (c or 0) + (r or 0)
             if peak > peak_max:
                 peak_max = peak
             day += one_day
-        bucket.consumed, bucket.refunded, bucket.checked_out = consumed, refunded, checked_out
-        bucket.returned, bucket.raw_usage = returned, raw_usage
-        if track_level:
-            bucket.peak_checked_out = peak_max
-        if track_balance:
-            bucket.available = balance  # the last day of the bucket leaves its closing balance
-        result.append(bucket)
+        result.append(Bucket(
+            start=first, consumed=consumed, refunded=refunded, checked_out=checked_out, returned=returned,
+            raw_usage=raw_usage, peak_checked_out=peak_max if track_level else 0,
+            available=balance if track_balance else None,
+        ))
     return result
 
 
