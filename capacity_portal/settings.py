@@ -59,6 +59,15 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+def _prepared_statement_options() -> dict:
+    """Server-side parameters, and statements prepared after 5 runs on a connection:
+    PostgreSQL then skips parsing and planning the queries every page repeats. Off
+    (DB_PREPARED_STATEMENTS=0) behind a transaction-mode pooler such as PgBouncer < 1.21."""
+    if not env_bool("DB_PREPARED_STATEMENTS", default=True):
+        return {}
+    return {"server_side_binding": True, "prepare_threshold": 5}
+
+
 def database_from_url(url: str) -> dict:
     """Parse ``postgres://user:pass@host:port/name`` or ``sqlite:///path``."""
     parts = urlsplit(url)
@@ -82,7 +91,7 @@ def database_from_url(url: str) -> dict:
             "PORT": str(port or ""),
             "CONN_MAX_AGE": env_int("DB_CONN_MAX_AGE", 60),
             "CONN_HEALTH_CHECKS": env_bool("DB_CONN_HEALTH_CHECKS", default=True),
-            "OPTIONS": options,
+            "OPTIONS": {**_prepared_statement_options(), **options},
             "TEST": {"NAME": f"test_{name}"},
         }
     if scheme == "sqlite":
