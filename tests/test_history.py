@@ -185,15 +185,24 @@ def test_other_teams_rollups_never_show(w):
                            by="user") == []
 
 
-def test_one_year_daily_series_is_two_queries(w, django_assert_num_queries):
+def test_one_year_daily_series_is_one_query(w, django_assert_num_queries):
+    consume(w, 40, local(2025, 11, 15))  # before the range: part of the balance carried in
     for i in range(0, 365, 7):
         consume(w, 1, local(2025, 12, 1) + timedelta(days=i))
-    with django_assert_num_queries(2):  # the range's rollups, plus the balance carried in
+    with django_assert_num_queries(1):  # the range's rollups and the balance carried in (UNION ALL)
         series = usage_series(team=w["team"], product=w["tokens"], start=date(2025, 12, 1),
                               end=date(2026, 11, 30), granularity="day")
     assert len(series) == 365 and sum(b.consumed for b in series) == 53
-    # The balance line: each day's closing balance falls by what that day used.
+    # The balance line: granted 1,000,000 on 2025-01-01, 40 used before the range, 1 on its first day...
+    assert series[0].available == 1_000_000 - 40 - 1
+    # ... and each day's closing balance falls by what that day used.
     assert all(a.available - b.available == b.net_consumed for a, b in zip(series, series[1:], strict=False))
+    assert series[-1].available == 1_000_000 - 40 - 53
+    assert all(type(v) is int for b in series for v in (b.consumed, b.refunded, b.available))
+    # A range with nothing before it carries nothing in (no NULL-day row at all).
+    first = usage_series(team=w["team"], product=w["tokens"], start=date(2024, 12, 30), end=date(2025, 1, 2),
+                         granularity="day")
+    assert [b.available for b in first] == [0, 0, 1_000_000, 1_000_000]
     with django_assert_num_queries(2):  # returnable: plus the level carried in
         usage_series(team=w["team"], product=w["pool"], start=date(2025, 12, 1), end=date(2026, 11, 30),
                      granularity="day")

@@ -11,7 +11,8 @@ import calendar
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 
-from django.db.models import F, Sum
+from django.db.models import BigIntegerField, DateField, F, Sum, Value
+from django.db.models.functions import Cast
 from django.utils import timezone
 
 from products.models import Product
@@ -145,20 +146,33 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
     # Rows are tuples: (day, consumed, refunded, checked_out, returned, raw_usage, peak,
     # closing, granted - expired); no model instances or dicts on a year-long page.
     if user is None:
-        rows = list(
+        rows_qs = (
             DailyRollup.objects.for_team(team)
             .filter(product=product, day__range=(start, end))
-            .order_by("day")
             .values_list("day", *AMOUNT_FIELDS, "peak_checked_out", "closing_checked_out",
                          F("granted") - F("expired"))
         )
         opening = 0
         if track_balance:
-            balance = (
+            # The balance carried in from before the range rides along in the same query:
+            # one extra row whose day is NULL (UNION ALL; none if nothing came before).
+            before = (
                 DailyRollup.objects.for_team(team)
                 .filter(product=product, day__lt=start)
-                .aggregate(b=Sum(F("granted") - F("consumed") + F("refunded") - F("expired")))["b"]
-            ) or 0
+                .values("product_id")
+                # (bigint like the columns it shares: PostgreSQL's SUM is numeric otherwise)
+                .annotate(net=Cast(Sum(F("granted") - F("consumed") + F("refunded") - F("expired")),
+                                   BigIntegerField()))
+                .values_list(Value(None, output_field=DateField()), "net", *[Value(0)] * 7)
+            )
+            rows = []
+            for row in rows_qs.union(before, all=True):
+                if row[0] is None:
+                    balance = row[1] or 0
+                else:
+                    rows.append(row)
+        else:
+            rows = list(rows_qs)
         if track_level:
             opening = (
                 DailyRollup.objects.for_team(team)

@@ -131,12 +131,18 @@ def display_rows(table: charts.Table) -> list[list[str]]:
     return [[f"{v:,}" if isinstance(v, int) else str(v) for v in row] for row in table.rows]
 
 
-def rows_html(rows: list[list[str]]) -> str:
-    """The table body, built here: a year of days through the template engine cost ~25 ms."""
-    esc = html.escape  # plain strings (display_rows): the stdlib escape is ~20x faster than Django's
-    return mark_safe("\n".join(  # noqa: S308 (every value is escaped)
-        f'<tr><th scope="row">{esc(row[0])}</th>' + "".join(f"<td>{esc(v)}</td>" for v in row[1:]) + "</tr>"
-        for row in rows
+def rows_html(table: charts.Table) -> str:
+    """The table body, built here in one pass: a year of days through the template engine
+    cost ~25 ms. Whole numbers print with thousands separators (digits and commas: nothing
+    to escape); everything else is escaped with the stdlib's escape (~20x Django's)."""
+    esc = html.escape
+
+    def cell(v) -> str:
+        return f"<td>{v:,}</td>" if isinstance(v, int) else f"<td>{esc(str(v))}</td>"
+
+    return mark_safe("\n".join(  # noqa: S308 (every value is escaped or a formatted int)
+        f'<tr><th scope="row">{esc(str(row[0]))}</th>' + "".join([cell(v) for v in row[1:]]) + "</tr>"
+        for row in table.rows
     ))
 
 
@@ -159,13 +165,12 @@ def product_detail(request: HttpRequest, slug: str, code: str) -> HttpResponse:
     context = {
         "team": team, "membership": membership, "product": product, "query": query, "base_url": base_url,
         "balance": balance,
-        "table": None, "rows": [], "figure": None,
+        "table": None, "figure": None,
     }
     if not query.error:
         table = _table(team, product, query)
         context["table"] = table
-        context["rows"] = display_rows(table)
-        context["rows_html"] = rows_html(context["rows"])
+        context["rows_html"] = rows_html(table)
         if not table.is_empty:
             fig = _figure(product, table, query)
             context["figure"], context["caption"] = charts.figure_json(fig), charts.caption(fig)
