@@ -78,3 +78,15 @@ def write_marker(connection, *, version: str, scale: float, meta: dict) -> None:
 
 def marker_matches(marker: dict | None, *, version: str, scale: float) -> bool:
     return bool(marker) and marker["version"] == version and abs(float(marker["scale"]) - scale) < 1e-9
+
+
+# Tables a run writes to (consumes, batches, keys' last use). A reused database carries
+# the dead rows of earlier runs on exactly the rows the next run updates; vacuum them so
+# that every run starts from the same steady state (as autovacuum keeps production).
+WRITTEN_TABLES = ("teams_apikey", "products_teamproduct", "products_lot", "usage_event",
+                  "usage_dailyrollup", "usage_dailybreakdown")
+
+
+def vacuum_written_tables(connection) -> None:
+    with connection.cursor() as cur:  # autocommit: VACUUM cannot run in a transaction
+        cur.execute(f"VACUUM (ANALYZE) {', '.join(WRITTEN_TABLES)}")

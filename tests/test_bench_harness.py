@@ -229,3 +229,19 @@ def test_seed_keeps_the_domain_invariants(require_postgres, capsys):
     local_day = entry.occurred_at.astimezone(entry.team.tzinfo).date()
     assert DailyRollup.objects.filter(team=entry.team, product=entry.product, day=local_day).exists()
     assert meta["big_team"] == "bench-big" and meta["load_targets"] and meta["batch_targets"]
+    # Like grant_create, the seed marks its "never" balances as never due: a consume on a
+    # seeded balance is the single fast-path statement from the first one on.
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from usage.actors import Actor
+    from usage.services import usage_consume
+
+    tp = TeamProduct.objects.select_related("team", "product").filter(team__slug="bench-big").first()
+    with CaptureQueriesContext(connection) as queries:
+        outcome = usage_consume(team=tp.team, product=tp.product, quantity=1, idempotency_key="seeded-1",
+                                actor=Actor.system("test"))
+    assert outcome.status_code == 201
+    assert [q["sql"] for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]][0].startswith(
+        "SELECT * FROM usage_consume_fast")
+    assert len([q for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]]) == 1
