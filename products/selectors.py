@@ -131,6 +131,7 @@ def team_balances(team: Team, *, now: datetime | None = None, product: Product |
     grants: list[_GrantRow] = []
     lots: dict[tuple[int, datetime], int] = {}
     last_end: dict[int, datetime] = {}
+    seen: set[int] = set()
     for *fields, lot_start, lot_remaining in grants_qs.values_list(
         *_GrantRow._fields, "open_lot__period_start", "open_lot__remaining"
     ):
@@ -139,7 +140,8 @@ def team_balances(team: Team, *, now: datetime | None = None, product: Product |
             last_end[grant.product_id] = grant.ends_at
         if lot_start is not None:
             lots[(grant.pk, lot_start)] = lot_remaining
-        if grant.ends_at > now and (not grants or grants[-1].pk != grant.pk):
+        if grant.ends_at > now and grant.pk not in seen:
+            seen.add(grant.pk)
             grants.append(grant)
     net_consumed = dict(
         usage_qs.values("product_id").annotate(net=Sum(F("consumed") - F("refunded"))).values_list("product_id", "net")

@@ -54,10 +54,11 @@ def render_cards(team: Team, balances) -> list[dict]:
     of a 50-product team then renders only the cards that moved. One cache round trip.
     """
     cards = []
-    # One reverse() for the team, not one per card (codes are slugs: safe in a path).
-    url_pattern = _product_url(team.slug, "__code__")
+    # One reverse() for the team, not one per card: the product code is the URL's last
+    # segment (codes are slugs: safe in a path).
+    prefix = _product_url(team.slug, "-")[: -len("-/")]
     for b in balances:
-        url = url_pattern.replace("__code__", b.product.code)
+        url = f"{prefix}{b.product.code}/"
         cards.append({"balance": b, "details_url": url, "key": _card_key(team, b, url)})
     cached = cache.get_many([c["key"] for c in cards]) if cards else {}
     fresh = {}

@@ -183,3 +183,42 @@ def test_concurrent_batches_and_singles_share_one_balance(setup):
     assert product_balance(team, tokens).available == 0
     assert connection.vendor == "postgresql"
     assert ledger_consistent()
+
+
+
+def test_fast_path_stamps_ledger_rows_after_waiting_for_the_lock(require_postgres):
+    """recorded_at is stamped when the row is written (after any lock wait), as on the
+    Python path: ids keep growing with recorded_at for the periodic 'recorded since' scans."""
+    import time
+    from datetime import timedelta
+
+    from django.db import transaction
+    from django.utils import timezone
+
+    from products.models import TeamProduct
+
+    from .factories import ProductFactory, TeamFactory
+
+    team, product = TeamFactory(), ProductFactory()
+    make_grant(team, product, 100)
+    usage_consume(team=team, product=product, quantity=1, idempotency_key="warm", actor=Actor.system("t"))
+    locked = threading.Event()
+
+    def hold_lock():
+        try:
+            with transaction.atomic():
+                TeamProduct.objects.select_for_update().get(team=team, product=product)
+                locked.set()
+                time.sleep(0.6)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    assert locked.wait(10)
+    started = timezone.now()
+    outcome = usage_consume(team=team, product=product, quantity=1, idempotency_key="waited",
+                            actor=Actor.system("t"))
+    holder.join(10)
+    entry = LedgerEntry.objects.get(event_id=outcome.event_id)
+    assert entry.recorded_at - started >= timedelta(seconds=0.4)

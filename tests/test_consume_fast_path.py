@@ -239,3 +239,44 @@ def test_by_code_answers_for_products_the_team_does_not_hold(tokens):
     assert not Event.objects.filter(key__in=["x", "y"]).exists()
 
 
+
+
+def test_refusal_is_a_data_error_not_a_broken_connection(tokens):
+    """Django pings the database after a request that had a connection error; an overdraft
+    is ordinary traffic and must not count as one."""
+    team, product = tokens["team"], tokens["tokens"]
+    connection.errors_occurred = False
+    with pytest.raises(UsageError):
+        usage_consume(team=team, product=product, quantity=10_000, idempotency_key="over", actor=ACTOR,
+                      now=T0 + timedelta(minutes=1))
+    assert connection.errors_occurred is False
+
+
+def test_missing_function_falls_back_to_the_python_path(tokens):
+    """Code deployed before its migration ran still records usage (DDL rolls back with the test)."""
+    team, product = tokens["team"], tokens["tokens"]
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER FUNCTION usage_consume_fast RENAME TO usage_consume_fast_hidden")
+    outcome = usage_consume(team=team, product=product, quantity=2, idempotency_key="nofn", actor=ACTOR,
+                            now=T0 + timedelta(minutes=1))
+    assert outcome.status_code == 201 and outcome.body["available"] == 97
+
+
+def test_api_hands_over_once(world, client):
+    """A balance with a monthly period to open: one try of the function, then the Python path."""
+    from django.utils import timezone
+
+    from teams.services import api_key_create
+
+    now = timezone.now()
+    grant_create(team=world["team"], product=world["tokens"], quantity=30, source=Source.SUBSCRIPTION_GIFT,
+                 refresh=Refresh.MONTHLY, starts_at=now - timedelta(days=40), ends_at=now + timedelta(days=300),
+                 now=now - timedelta(days=40))
+    raw = api_key_create(team=world["team"], name="t")[1]
+    body = {"product": "cloud-tokens", "kind": "consume", "quantity": 2, "idempotency_key": "handover"}
+    with CaptureQueriesContext(connection) as queries:
+        response = client.post("/api/v1/usage", body, content_type="application/json",
+                               headers={"Authorization": f"Bearer {raw}"})
+    assert response.status_code == 201, response.content
+    assert response.json()["available"] == 28
+    assert sum("usage_consume_fast" in q["sql"] for q in queries.captured_queries) == 1

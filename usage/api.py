@@ -524,10 +524,11 @@ def _usage_request(data: UsageIn, product: Product) -> UsageRequest:
                         job_id=data.job_id, checkout_id=data.checkout_id, occurred_at=data.occurred_at)
 
 
-def _record(*, team: Team, actor: Actor, data: UsageIn, product: Product, now: datetime) -> Outcome:
+def _record(*, team: Team, actor: Actor, data: UsageIn, product: Product, now: datetime,
+            fast: bool = True) -> Outcome:
     """One usage event through its service (the service opens its own (nested) transaction)."""
     _check_event(data, now)
-    return usage_record(team=team, request=_usage_request(data, product), actor=actor, now=now)
+    return usage_record(team=team, request=_usage_request(data, product), actor=actor, now=now, fast=fast)
 
 
 # -- endpoints -------------------------------------------------------------------------------
@@ -552,7 +553,9 @@ def post_usage(request: HttpRequest, data: UsageIn):
         if outcome is not None:
             return _json(request, outcome)
     product = _held_product(team, data.product)
-    outcome = _with_retry(lambda: _record(team=team, actor=actor, data=data, product=product, now=timezone.now()))
+    # (A consume that gets here was just handed over: no second try of the fast path.)
+    outcome = _with_retry(lambda: _record(team=team, actor=actor, data=data, product=product, now=timezone.now(),
+                                          fast=data.kind != "consume"))
     return _json(request, outcome)
 
 

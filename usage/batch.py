@@ -55,12 +55,14 @@ class UsageRequest:
     occurred_at: datetime | None = None
 
 
-def usage_record(*, team: Team, request: UsageRequest, actor: Actor, now: datetime | None = None) -> Outcome:
-    """One event through the service of its kind."""
+def usage_record(*, team: Team, request: UsageRequest, actor: Actor, now: datetime | None = None,
+                 fast: bool = True) -> Outcome:
+    """One event through the service of its kind (``fast``: see usage_consume)."""
     common = dict(team=team, product=request.product, quantity=request.quantity,
                   idempotency_key=request.idempotency_key, actor=actor, occurred_at=request.occurred_at, now=now)
     if request.kind == "consume":
-        return usage_consume(user=request.user, service=request.service, job_id=request.job_id, **common)
+        return usage_consume(user=request.user, service=request.service, job_id=request.job_id, fast=fast,
+                             **common)
     if request.kind == "metered":
         return usage_metered(user=request.user, service=request.service, job_id=request.job_id, **common)
     if request.kind == "checkout":

@@ -25,8 +25,10 @@ from teams.models import Team
 from .actors import Actor
 from .errors import IdempotencyConflict, InsufficientBalance, InvalidRequest, NotFound
 
-FALLBACK = "CPF01"  # something is due on the balance: run the Python path
-INSUFFICIENT = "CPI01"  # the message is the available amount
+FALLBACK = "22X01"  # something is due on the balance: run the Python path
+INSUFFICIENT = "22X02"  # the message is the available amount
+# Deployed before its migration ran: no function yet, the Python path still works.
+UNDEFINED_FUNCTION = "42883"
 
 SQL = "SELECT * FROM usage_consume_fast(" + ", ".join(["%s"] * 17) + ")"
 
@@ -52,7 +54,7 @@ def consume(*, team: Team, product_code: str, unit: str | None, quantity: int, k
         user, user.lower(), service, job_id, occurred_at, local_date(occurred_at, team.tzinfo), now, wall,
     ]
     try:
-        if connection.in_atomic_block:
+        if connection.in_atomic_block or not connection.get_autocommit():
             with transaction.atomic(), connection.cursor() as cursor:
                 cursor.execute(SQL, params)
                 row = cursor.fetchone()
@@ -62,7 +64,7 @@ def consume(*, team: Team, product_code: str, unit: str | None, quantity: int, k
                 row = cursor.fetchone()
     except DatabaseError as exc:
         sqlstate = getattr(exc.__cause__, "sqlstate", None)
-        if sqlstate == FALLBACK:
+        if sqlstate in (FALLBACK, UNDEFINED_FUNCTION):
             raise Fallback(str(exc.__cause__)) from None
         if sqlstate == INSUFFICIENT:
             available = int(str(exc.__cause__.diag.message_primary))

@@ -154,14 +154,17 @@ def _draw(*, team: Team, product: Product, tp: TeamProduct, lots: list[Lot], qua
 
 def usage_consume(*, team: Team, product: Product, quantity: int, idempotency_key: str, actor: Actor,
                   user: str = "", service: str = "", job_id: str = "", occurred_at: datetime | None = None,
-                  now: datetime | None = None) -> Outcome:
-    """Spend exhaustible capacity, in consumption order. No overdraft, ever."""
+                  now: datetime | None = None, fast: bool = True) -> Outcome:
+    """Spend exhaustible capacity, in consumption order. No overdraft, ever.
+
+    ``fast=False``: the caller has just been told the one-round-trip path does not apply.
+    """
     now = now or timezone.now()
     at = _clean_common(quantity, occurred_at, now)
     if product.capacity_type != CapacityType.EXHAUSTIBLE:
         raise InvalidRequest(f"{product.code} is returnable capacity: use checkout and return.")
     payload = _payload(product.code, quantity, occurred_at, user=user, service=service, job_id=job_id)
-    if fastpath.enabled():
+    if fast and fastpath.enabled():
         try:
             return _consume_fast(team=team, product_code=product.code, unit=product.unit, quantity=quantity,
                                  key=idempotency_key, payload=payload, actor=actor, user=user, service=service,

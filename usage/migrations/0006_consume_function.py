@@ -4,7 +4,9 @@ The function does what ``usage.services.usage_consume`` does when nothing is due
 the balance (no lot to expire, no monthly period to open): claim the idempotency key,
 lock the balance, read its open lots in consumption order, refuse an overdraft, draw,
 write the ledger rows, the rollups and the stored response. When something is due it
-raises ``CPF01`` and the caller runs the Python path; an overdraft raises ``CPI01``.
+raises ``22X01`` and the caller runs the Python path; an overdraft raises ``22X02``
+(class 22, data exception: a refusal is ordinary traffic, and Django does not treat
+data errors as a broken connection).
 Either error rolls back the whole statement, the claim included, so nothing is written.
 Every test of the consume service runs through it on PostgreSQL, and
 ``tests/test_consume_fast_path.py`` compares it with the Python path.
@@ -41,6 +43,7 @@ DECLARE
     v_take bigint;
     v_member_id bigint;
     v_response jsonb;
+    v_recorded_at timestamptz;
 BEGIN
     -- The product, only if the team holds it (has a balance row).
     SELECT p.id, p.capacity_type INTO v_product_id, v_capacity
@@ -83,7 +86,7 @@ BEGIN
        FOR UPDATE;
     IF v_tp.refresh_checked_at IS NULL OR v_tp.refresh_due_at IS NULL
        OR NOT (v_tp.refresh_checked_at <= p_now AND p_now < v_tp.refresh_due_at) THEN
-        RAISE EXCEPTION 'usage_consume_fast: a monthly period may be due' USING ERRCODE = 'CPF01';
+        RAISE EXCEPTION 'usage_consume_fast: a monthly period may be due' USING ERRCODE = '22X01';
     END IF;
 
     -- (3) The open lots, locked, in consumption order. A lot to expire: the Python path.
@@ -96,7 +99,7 @@ BEGIN
            FOR UPDATE
     LOOP
         IF v_lot.expires_at <= p_now THEN
-            RAISE EXCEPTION 'usage_consume_fast: lot % has expired', v_lot.id USING ERRCODE = 'CPF01';
+            RAISE EXCEPTION 'usage_consume_fast: lot % has expired', v_lot.id USING ERRCODE = '22X01';
         END IF;
         v_ids := v_ids || v_lot.id;
         v_grants := v_grants || v_lot.grant_id;
@@ -105,10 +108,13 @@ BEGIN
         v_total := v_total + v_lot.quantity;
     END LOOP;
     IF v_available < p_quantity THEN
-        RAISE EXCEPTION '%', v_available USING ERRCODE = 'CPI01';
+        RAISE EXCEPTION '%', v_available USING ERRCODE = '22X02';
     END IF;
 
-    -- (4) Draw in order, one ledger row per lot touched.
+    -- (4) Draw in order, one ledger row per lot touched. recorded_at is the app's clock
+    -- plus the time this statement has waited (on the key, the lock): like the Python
+    -- path, it is stamped when the row is written, so ids keep growing with it.
+    v_recorded_at := p_wall + (clock_timestamp() - statement_timestamp());
     IF p_user <> '' THEN
         SELECT u.id INTO v_member_id
           FROM auth_user u JOIN teams_membership m ON m.user_id = u.id AND m.team_id = p_team_id
@@ -127,7 +133,7 @@ BEGIN
                                        recorded_at, actor, actor_user_id, actor_api_key_id, "user", member_id,
                                        service, job_id, event_id, checkout_id, reverses_id, note)
         VALUES (p_team_id, v_product_id, v_ids[i], v_grants[i], 'consume', -v_take, v_take, p_occurred_at,
-                p_wall, p_actor, p_actor_user_id, p_api_key_id, p_user, v_member_id,
+                v_recorded_at, p_actor, p_actor_user_id, p_api_key_id, p_user, v_member_id,
                 p_service, p_job_id, v_event_id, NULL, NULL, '');
         v_left := v_left - v_take;
     END LOOP;
@@ -156,11 +162,16 @@ $fn$;
 PG_DOWN = "DROP FUNCTION IF EXISTS usage_consume_fast(bigint, text, bigint, text, text, jsonb, bigint, bigint, text, text, text, text, text, timestamptz, date, timestamptz, timestamptz);"
 
 
+def create_function(apps, schema_editor):
+    if schema_editor.connection.vendor == "postgresql":
+        schema_editor.execute(PG_UP, params=None)
+
+
+def drop_function(apps, schema_editor):
+    if schema_editor.connection.vendor == "postgresql":
+        schema_editor.execute(PG_DOWN, params=None)
+
+
 class Migration(migrations.Migration):
     dependencies = [("usage", "0005_rollup_team_day_index")]
-    operations = [
-        migrations.RunPython(
-            lambda apps, se: se.execute(PG_UP, params=None) if se.connection.vendor == "postgresql" else None,
-            lambda apps, se: se.execute(PG_DOWN, params=None) if se.connection.vendor == "postgresql" else None,
-        )
-    ]
+    operations = [migrations.RunPython(create_function, drop_function)]
