@@ -109,7 +109,11 @@ def team_balances(team: Team, *, now: datetime | None = None, product: Product |
     """
     now = now or timezone.now()
     tz = team.tzinfo
-    holdings = TeamProduct.objects.for_team(team).select_related("product").order_by("product__name", "product_id")
+    holdings = (
+        TeamProduct.objects.for_team(team).select_related("product")
+        .defer("created_at", "refresh_checked_at", "refresh_due_at")  # the write path's, not shown
+        .order_by("product__name", "product_id")
+    )
     # Every unrevoked grant (the ended ones give "Expired" its date) with its lot in force
     # now, if any, in one LEFT JOIN: a monthly period whose lot is not created yet is full.
     grants_qs = Grant.objects.for_team(team).unrevoked().annotate(
