@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from products.models import Product
 
@@ -70,6 +71,8 @@ def series_table(product: Product, buckets: list[Bucket], granularity: str, *, p
     first_labels = [BUCKET_LABEL[granularity].title()] + (["Week starts"] if granularity == "week" else [])
 
     def lead(bucket: Bucket) -> list:
+        if granularity == "day":
+            return [bucket.start.isoformat()]
         key = bucket_key(bucket, granularity)
         return [key, bucket.start.isoformat()] if granularity == "week" else [key]
 
@@ -90,14 +93,20 @@ def series_table(product: Product, buckets: list[Bucket], granularity: str, *, p
         columns.insert(0, "raw_usage")
         labels.insert(0, f"Raw usage ({raw_unit(product)})")
     table = Table(first + columns, first_labels + labels)
+    # Every value of a bucket in a fixed order, the table's columns picked by position
+    # (a year of days: no dict per row).
+    pick = itemgetter(*[_SERIES_VALUES.index(c) for c in columns])
+    rows = table.rows
     running = 0
     for b in buckets:
-        running += b.net_consumed
-        values = {"raw_usage": b.raw_usage, "consumed": b.consumed, "refunded": b.refunded,
-                  "net_consumed": b.net_consumed, "cumulative_net": running,
-                  "available": b.available if b.available is not None else 0}
-        table.rows.append(lead(b) + [values[c] for c in columns])
+        net = b.consumed - b.refunded
+        running += net
+        values = (b.raw_usage, b.consumed, b.refunded, net, running, b.available if b.available is not None else 0)
+        rows.append([*lead(b), *pick(values)])
     return table
+
+
+_SERIES_VALUES = ("raw_usage", "consumed", "refunded", "net_consumed", "cumulative_net", "available")
 
 
 def breakdown_table(product: Product, rows: list[BreakdownRow], by: str) -> Table:
