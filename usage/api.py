@@ -40,7 +40,14 @@ from teams.models import ApiKey, Team
 
 from .actors import Actor
 from .batch import UsageRequest, usage_record, usage_record_many
-from .errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited, Unavailable, UsageError
+from .errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RateLimited,
+    Unavailable,
+    UsageError,
+    unknown_product,
+)
 from .history import GRANULARITIES, resolve_range, team_today, usage_series
 from .services import Outcome, job_refund, usage_consume_by_code
 
@@ -490,7 +497,7 @@ def _held_products(team: Team) -> dict[str, Product]:
 def _held_product(team: Team, code: str) -> Product:
     tp = TeamProduct.objects.for_team(team).select_related("product").filter(product__code=code).first()
     if tp is None:
-        raise NotFound(f"Unknown product {code!r}.")
+        raise unknown_product(code)
     return tp.product
 
 
@@ -580,7 +587,7 @@ def post_usage_batch(request: HttpRequest, data: BatchIn):
             parsed.append(InvalidRequest(_describe(exc.errors(include_url=False))))
             continue
         if event.product not in products:
-            parsed.append(NotFound(f"Unknown product {event.product!r}."))
+            parsed.append(unknown_product(event.product))
             continue
         parsed.append(event)
     valid: list[tuple[int, UsageIn]] = []

@@ -23,7 +23,13 @@ from products.periods import local_date
 from teams.models import Team
 
 from .actors import Actor
-from .errors import IdempotencyConflict, InsufficientBalance, InvalidRequest, UsageError
+from .errors import (
+    InvalidRequest,
+    UsageError,
+    insufficient_balance,
+    key_reused,
+    returnable_not_consumable,
+)
 from .ledger import CAPACITY_FIELDS, ROLLUP_FIELDS, members_for, plan_draw, prepare_balance, totals
 from .models import DailyBreakdown, DailyRollup, Event, Kind, LedgerEntry
 from .services import (
@@ -138,7 +144,7 @@ def _record_fast(team: Team, requests: list[UsageRequest], actor: Actor, now: da
             at = _clean_common(request.quantity, request.occurred_at, now)
             operation = request.kind
             if operation == "consume" and product.capacity_type != CapacityType.EXHAUSTIBLE:
-                raise InvalidRequest(f"{product.code} is returnable capacity: use checkout and return.")
+                raise returnable_not_consumable(product.code)
             if operation == "metered" and not product.metered:
                 raise InvalidRequest(f"{product.code} is not a metered product: use kind=consume.")
             if not request.idempotency_key or len(request.idempotency_key) > 255:
@@ -150,7 +156,7 @@ def _record_fast(team: Team, requests: list[UsageRequest], actor: Actor, now: da
             if earlier is not None:
                 earlier_fp = earlier.fingerprint if isinstance(earlier, Event) else earlier.fp
                 if earlier_fp != fp:
-                    raise IdempotencyConflict("This idempotency key was already used with a different request body.")
+                    raise key_reused()
                 results[index] = earlier  # replay: resolved once the original has its outcome
                 continue
             _, lots = balances[product.pk]
@@ -160,8 +166,7 @@ def _record_fast(team: Team, requests: list[UsageRequest], actor: Actor, now: da
                 units, carried = request.quantity, None
             available, total = totals(lots)
             if available < units:
-                raise InsufficientBalance(
-                    f"Not enough {product.unit} of {product.code}: {units} requested, {available} available.")
+                raise insufficient_balance(product.unit, product.code, units, available)
             draws = plan_draw(lots, units) if units else []
             for lot, take in draws:
                 lot.remaining -= take  # in memory; written once per lot below

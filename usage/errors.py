@@ -66,3 +66,24 @@ class RateLimited(UsageError):
 class Unavailable(UsageError):
     code = "unavailable"
     status_code = 503
+
+
+# The messages every write path shares (the Python services, the batch, the SQL fast path
+# and the API's product lookup): one wording each.
+
+
+def insufficient_balance(unit: str, code: str, requested: int, available: int) -> InsufficientBalance:
+    return InsufficientBalance(f"Not enough {unit} of {code}: {requested} requested, {available} available.",
+                               available=available)
+
+
+def key_reused() -> IdempotencyConflict:
+    return IdempotencyConflict("This idempotency key was already used with a different request body.")
+
+
+def returnable_not_consumable(code: str) -> InvalidRequest:
+    return InvalidRequest(f"{code} is returnable capacity: use checkout and return.")
+
+
+def unknown_product(code: str) -> NotFound:
+    return NotFound(f"Unknown product {code!r}.")

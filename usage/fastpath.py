@@ -23,7 +23,7 @@ from products.periods import local_date
 from teams.models import Team
 
 from .actors import Actor
-from .errors import IdempotencyConflict, InsufficientBalance, InvalidRequest, NotFound
+from .errors import insufficient_balance, key_reused, returnable_not_consumable, unknown_product
 
 FALLBACK = "22X01"  # something is due on the balance: run the Python path
 INSUFFICIENT = "22X02"  # the message is the available amount
@@ -72,10 +72,7 @@ def consume(*, team: Team, product_code: str, unit: str | None, quantity: int, k
                 from products.models import Product
 
                 unit = Product.objects.values_list("unit", flat=True).get(code=product_code)
-            raise InsufficientBalance(
-                f"Not enough {unit} of {product_code}: {quantity} requested, {available} available.",
-                available=available,
-            ) from None
+            raise insufficient_balance(unit, product_code, quantity, available) from None
         raise
     outcome, event_id, available, total, status, response = row
     if outcome == "ok":
@@ -86,9 +83,9 @@ def consume(*, team: Team, product_code: str, unit: str | None, quantity: int, k
         # Django's psycopg setup hands jsonb over as text (JSONField parses it itself).
         return status, json.loads(response) if isinstance(response, str) else response, True, event_id
     if outcome == "conflict":
-        raise IdempotencyConflict("This idempotency key was already used with a different request body.")
+        raise key_reused()
     if outcome == "returnable":
-        raise InvalidRequest(f"{product_code} is returnable capacity: use checkout and return.")
+        raise returnable_not_consumable(product_code)
     if outcome == "not_held" and not_held_is_not_found:
-        raise NotFound(f"Unknown product {product_code!r}.")
+        raise unknown_product(product_code)
     raise Fallback(outcome)

@@ -26,10 +26,11 @@ from .actors import Actor
 from .errors import (
     CheckoutExceeded,
     CheckoutExists,
-    IdempotencyConflict,
-    InsufficientBalance,
     InvalidRequest,
     NotFound,
+    insufficient_balance,
+    key_reused,
+    returnable_not_consumable,
 )
 from .ledger import (
     apply_lot_delta,
@@ -68,9 +69,7 @@ def _idempotent(team: Team, key: str, operation: str, payload: dict, actor: Acto
         if event is None:
             existing = Event.objects.for_team(team).get(key=key)
             if existing.fingerprint != fp:
-                raise IdempotencyConflict(
-                    "This idempotency key was already used with a different request body."
-                )
+                raise key_reused()
             return Outcome(existing.status_code, existing.response, replayed=True, event_id=existing.pk)
         status, body = write(event)
         event.status_code, event.response = status, body
@@ -136,10 +135,7 @@ def _draw(*, team: Team, product: Product, tp: TeamProduct, lots: list[Lot], qua
           checkout: Checkout | None = None) -> list[LedgerEntry]:
     available, _ = totals(lots)
     if available < quantity:
-        raise InsufficientBalance(
-            f"Not enough {product.unit} of {product.code}: {quantity} requested, {available} available.",
-            available=available,
-        )
+        raise insufficient_balance(product.unit, product.code, quantity, available)
     member_id = member_id_for(team, user)
     entries = []
     for lot, take in plan_draw(lots, quantity):
@@ -162,7 +158,7 @@ def usage_consume(*, team: Team, product: Product, quantity: int, idempotency_ke
     now = now or timezone.now()
     at = _clean_common(quantity, occurred_at, now)
     if product.capacity_type != CapacityType.EXHAUSTIBLE:
-        raise InvalidRequest(f"{product.code} is returnable capacity: use checkout and return.")
+        raise returnable_not_consumable(product.code)
     payload = _payload(product.code, quantity, occurred_at, user=user, service=service, job_id=job_id)
     if fast and fastpath.enabled():
         try:
