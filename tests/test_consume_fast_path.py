@@ -165,21 +165,28 @@ def test_one_round_trip_when_nothing_is_due(tokens):
     assert outcome.status_code == 201 and outcome.body["available"] == 94
 
 
+def _api_consume(client, team, *, key: str):
+    """POST /api/v1/usage (2 cloud tokens) with a new key of the team; the response and
+    the statements it ran."""
+    from teams.services import api_key_create
+
+    raw = api_key_create(team=team, name="t")[1]
+    body = {"product": "cloud-tokens", "kind": "consume", "quantity": 2, "idempotency_key": key}
+    with CaptureQueriesContext(connection) as queries:
+        response = client.post("/api/v1/usage", body, content_type="application/json",
+                               headers={"Authorization": f"Bearer {raw}"})
+    return response, queries
+
+
 def test_api_consume_is_two_statements(world, client):
     """The key (with last_used_at) and the write: no product lookup, no transaction statements."""
     from django.utils import timezone
-
-    from teams.services import api_key_create
 
     now = timezone.now()
     grant_create(team=world["team"], product=world["tokens"], quantity=100, source=Source.PURCHASE,
                  refresh=Refresh.NEVER, starts_at=now - timedelta(days=1), ends_at=now + timedelta(days=30), now=now)
     usage_consume(team=world["team"], product=world["tokens"], quantity=1, idempotency_key="warm", actor=ACTOR)
-    raw = api_key_create(team=world["team"], name="t")[1]
-    body = {"product": "cloud-tokens", "kind": "consume", "quantity": 2, "idempotency_key": "api-1"}
-    with CaptureQueriesContext(connection) as queries:
-        response = client.post("/api/v1/usage", body, content_type="application/json",
-                               headers={"Authorization": f"Bearer {raw}"})
+    response, queries = _api_consume(client, world["team"], key="api-1")
     assert response.status_code == 201, response.content
     sql = [q["sql"] for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]]
     assert len(sql) == 2, sql
@@ -266,17 +273,11 @@ def test_api_hands_over_once(world, client):
     """A balance with a monthly period to open: one try of the function, then the Python path."""
     from django.utils import timezone
 
-    from teams.services import api_key_create
-
     now = timezone.now()
     grant_create(team=world["team"], product=world["tokens"], quantity=30, source=Source.SUBSCRIPTION_GIFT,
                  refresh=Refresh.MONTHLY, starts_at=now - timedelta(days=40), ends_at=now + timedelta(days=300),
                  now=now - timedelta(days=40))
-    raw = api_key_create(team=world["team"], name="t")[1]
-    body = {"product": "cloud-tokens", "kind": "consume", "quantity": 2, "idempotency_key": "handover"}
-    with CaptureQueriesContext(connection) as queries:
-        response = client.post("/api/v1/usage", body, content_type="application/json",
-                               headers={"Authorization": f"Bearer {raw}"})
+    response, queries = _api_consume(client, world["team"], key="handover")
     assert response.status_code == 201, response.content
     assert response.json()["available"] == 28
     assert sum("usage_consume_fast" in q["sql"] for q in queries.captured_queries) == 1
