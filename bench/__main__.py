@@ -74,6 +74,7 @@ def ensure_seeded(url: str, scale: float, reseed: bool) -> dict:
         t = time.monotonic()
         database.vacuum_written_tables(connection)
         print(f"[seed] vacuumed the tables earlier runs wrote to ({time.monotonic() - t:.1f}s)", flush=True)
+        seed.settle(lambda msg: print(f"[seed] {msg}", flush=True))
         return marker["meta"]
     why = "--reseed" if reseed else ("no seed marker" if marker is None else "seed version or scale changed")
     print(f"[seed] dropping and creating the bench database ({why})", flush=True)
