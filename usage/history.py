@@ -11,6 +11,7 @@ import calendar
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 
+from django.db import connection
 from django.db.models import BigIntegerField, DateField, F, Sum, Value
 from django.db.models.functions import Cast
 from django.utils import timezone
@@ -136,53 +137,21 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
                  user: str | None = None) -> list[Bucket]:
     """Usage per bucket over [start, end] (inclusive local dates), every bucket zero-filled.
 
-    Two queries: the range's rollup rows, and the level carried in from before the
-    range (checked out for a returnable product; the balance available for an
-    exhaustible one, from the capacity granted and expired and the net use per day).
+    Reads the range's rollup rows and the level carried in from before the range
+    (checked out for a returnable product; the balance available for an exhaustible
+    one, from the capacity granted and expired and the net use per day): one query for
+    the whole team on PostgreSQL, up to two per user or elsewhere.
     """
     _check_span(start, end)
     bucket_start(start, granularity)  # validates the granularity
     track_level = product.is_returnable
     track_balance = user is None and not product.is_returnable
     balance = 0
-    # Rows are tuples: (day, consumed, refunded, checked_out, returned, raw_usage, peak,
-    # closing, granted - expired); no model instances or dicts on a year-long page.
+    # Rows are tuples (see _team_rows_orm); no model instances or dicts on a year-long page.
     if user is None:
-        rows_qs = (
-            DailyRollup.objects.for_team(team)
-            .filter(product=product, day__range=(start, end))
-            .values_list("day", *AMOUNT_FIELDS, "peak_checked_out", "closing_checked_out",
-                         F("granted") - F("expired"))
-        )
-        opening = 0
-        if track_balance:
-            # The balance carried in from before the range rides along in the same query:
-            # one extra row whose day is NULL (UNION ALL; none if nothing came before).
-            before = (
-                DailyRollup.objects.for_team(team)
-                .filter(product=product, day__lt=start)
-                .values("product_id")
-                # (bigint like the columns it shares: PostgreSQL's SUM is numeric otherwise)
-                .annotate(net=Cast(Sum(F("granted") - F("consumed") + F("refunded") - F("expired")),
-                                   BigIntegerField()))
-                .values_list(Value(None, output_field=DateField()), "net", *[Value(0)] * 7)
-            )
-            rows = []
-            for row in rows_qs.union(before, all=True):
-                if row[0] is None:
-                    balance = row[1] or 0
-                else:
-                    rows.append(row)
-        else:
-            rows = list(rows_qs)
-        if track_level:
-            opening = (
-                DailyRollup.objects.for_team(team)
-                .filter(product=product, day__lt=start)
-                .order_by("-day")
-                .values_list("closing_checked_out", flat=True)
-                .first()
-            ) or 0
+        read = _team_rows_sql if connection.vendor == "postgresql" else _team_rows_orm
+        rows, opening, balance = read(team, product, start, end, track_balance=track_balance,
+                                      track_level=track_level)
     else:
         sums = (
             DailyBreakdown.objects.for_team(team)
@@ -246,6 +215,85 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
             available=balance if track_balance else None,
         ))
     return result
+
+
+def _team_rows_orm(team: Team, product: Product, start: date, end: date, *, track_balance: bool,
+                   track_level: bool) -> tuple[list[tuple], int, int]:
+    """(the range's rollup rows, the level carried in, the balance carried in) through the ORM.
+
+    Rows are tuples: (day, consumed, refunded, checked_out, returned, raw_usage, peak,
+    closing, granted - expired); no model instances or dicts on a year-long page.
+    """
+    rows_qs = (
+        DailyRollup.objects.for_team(team)
+        .filter(product=product, day__range=(start, end))
+        .values_list("day", *AMOUNT_FIELDS, "peak_checked_out", "closing_checked_out", F("granted") - F("expired"))
+    )
+    opening = balance = 0
+    if track_balance:
+        # The balance carried in from before the range rides along in the same query:
+        # one extra row whose day is NULL (UNION ALL; none if nothing came before).
+        before = (
+            DailyRollup.objects.for_team(team)
+            .filter(product=product, day__lt=start)
+            .values("product_id")
+            # (bigint like the columns it shares: PostgreSQL's SUM is numeric otherwise)
+            .annotate(net=Cast(Sum(F("granted") - F("consumed") + F("refunded") - F("expired")),
+                               BigIntegerField()))
+            .values_list(Value(None, output_field=DateField()), "net", *[Value(0)] * 7)
+        )
+        rows = []
+        for row in rows_qs.union(before, all=True):
+            if row[0] is None:
+                balance = row[1] or 0
+            else:
+                rows.append(row)
+    else:
+        rows = list(rows_qs)
+    if track_level:
+        opening = (
+            DailyRollup.objects.for_team(team)
+            .filter(product=product, day__lt=start)
+            .order_by("-day")
+            .values_list("closing_checked_out", flat=True)
+            .first()
+        ) or 0
+    return rows, opening, balance
+
+
+def _team_rows_sql(team: Team, product: Product, start: date, end: date, *, track_balance: bool,
+                   track_level: bool) -> tuple[list[tuple], int, int]:
+    """``_team_rows_orm`` as one fixed statement (PostgreSQL): compiling the union cost
+    more than running it. ``tests/test_history_sql.py`` holds the two to the same rows."""
+    sql = _SQL_ROWS
+    params = [team.pk, product.pk, start, end]
+    if track_balance or track_level:  # the value carried in: one row whose day is NULL
+        sql += " UNION ALL " + (_SQL_BALANCE_BEFORE if track_balance else _SQL_LEVEL_BEFORE)
+        params += [team.pk, product.pk, start]
+    rows = []
+    carried = 0
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        for row in cursor.fetchall():
+            if row[0] is None:
+                carried = row[1] or 0
+            else:
+                rows.append(row)
+    return rows, (carried if track_level else 0), (carried if track_balance else 0)
+
+
+_SQL_ROWS = (
+    "SELECT day, consumed, refunded, checked_out, returned, raw_usage, peak_checked_out, closing_checked_out,"
+    " granted - expired FROM usage_dailyrollup WHERE team_id = %s AND product_id = %s AND day BETWEEN %s AND %s"
+)
+_SQL_BALANCE_BEFORE = (
+    "SELECT NULL, sum(granted - consumed + refunded - expired)::bigint, 0, 0, 0, 0, 0, 0, 0"
+    " FROM usage_dailyrollup WHERE team_id = %s AND product_id = %s AND day < %s HAVING count(*) > 0"
+)
+_SQL_LEVEL_BEFORE = (
+    "(SELECT NULL, closing_checked_out, 0, 0, 0, 0, 0, 0, 0"
+    " FROM usage_dailyrollup WHERE team_id = %s AND product_id = %s AND day < %s ORDER BY day DESC LIMIT 1)"
+)
 
 
 # -- breakdowns --------------------------------------------------------------------------
