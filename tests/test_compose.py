@@ -100,7 +100,7 @@ def test_settings_load_from_the_env_file():
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "django.db.backends.postgresql", "postgres", "redis://redis:6379/0",
+    assert out.stdout.split() == ["False", "capacity_portal.postgresql", "postgres", "redis://redis:6379/0",
                                   "False", "console"]
 
 
