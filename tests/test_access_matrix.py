@@ -22,6 +22,8 @@ from urllib.parse import urlencode
 import pytest
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
+from teams.models import Role
+
 from .factories import make_grant
 
 ADMINS = frozenset({"primary_admin", "secondary_admin", "sso_admin"})
@@ -117,3 +119,27 @@ def test_every_team_url_is_in_the_matrix():
     missing = sorted(f"{name} ({route})" for name, route in _team_routes(get_resolver().url_patterns)
                      if name not in listed)
     assert not missing, f"add these team URLs to TEAM_URLS in tests/test_access_matrix.py: {missing}"
+
+
+@pytest.mark.parametrize("who", [*(r.value for r in Role), "outsider"])
+def test_membership_lookup_matches_the_orm(granted_world, require_postgres, who):
+    """get_team_for_user reads the membership with fixed SQL on PostgreSQL: the same
+    membership and team (JSON field included) as the ORM, and nothing for outsiders."""
+    from teams import access
+    from teams.models import Membership
+
+    team = granted_world["team"]
+    team.alert_thresholds = [50, 20]
+    team.save()
+    user = granted_world["outsider"] if who == "outsider" else granted_world["members"][who]
+    got = access._membership(team.slug, user.pk)
+    want = Membership.objects.select_related("team").filter(team__slug=team.slug, user=user).first()
+    if want is None:
+        assert got is None
+        return
+    fields = [f.attname for f in Membership._meta.concrete_fields]
+    assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
+    team_fields = [f.attname for f in type(team)._meta.concrete_fields]
+    assert [getattr(got.team, f) for f in team_fields] == [getattr(want.team, f) for f in team_fields]
+    assert got.team.alert_thresholds == [50, 20]
+    assert access._membership("no-such-team", user.pk) is None

@@ -34,6 +34,7 @@ from ninja.openapi.docs import Swagger
 from ninja.security import HttpBearer
 from pydantic import AfterValidator, AwareDatetime, ConfigDict, StrictInt, StringConstraints
 
+from capacity_portal.postgresql.rows import columns, from_row
 from products.models import Product, TeamProduct
 from products.selectors import team_balances
 from teams.models import ApiKey, Team
@@ -272,19 +273,12 @@ def _active_key(token: str, now: datetime) -> ApiKey | None:
     if row is None:
         return None
     n = len(_KEY_FIELDS)
-    api_key = _from_row(ApiKey, _KEY_FIELDS, row[:n])
-    team = _from_row(Team, _TEAM_FIELDS, row[n:-1])
+    api_key = from_row(ApiKey, _KEY_FIELDS, row[:n])
+    team = from_row(Team, _TEAM_FIELDS, row[n:-1])
     ApiKey._meta.get_field("team").set_cached_value(api_key, team)
     if row[-1]:
         api_key.last_used_at = now
     return api_key
-
-
-def _from_row(model, fields, values):
-    """A model instance from raw column values, through each field's from_db_value (JSON)."""
-    values = [f.from_db_value(v, None, connection) if hasattr(f, "from_db_value") else v
-              for f, v in zip(fields, values, strict=True)]
-    return model.from_db(connection.alias, [f.attname for f in fields], values)
 
 
 _KEY_FIELDS = ApiKey._meta.concrete_fields
@@ -298,8 +292,8 @@ _ACTIVE_KEY_SQL = (
     " AND (last_used_at IS NULL OR last_used_at <= %s) RETURNING id)"
     " SELECT k.*, EXISTS (SELECT 1 FROM u) FROM k"
 ).format(
-    key=", ".join(f'k."{f.column}" AS "k_{f.column}"' for f in _KEY_FIELDS),
-    team=", ".join(f't."{f.column}" AS "t_{f.column}"' for f in _TEAM_FIELDS),
+    key=columns(_KEY_FIELDS, "k", prefix="k_"),
+    team=columns(_TEAM_FIELDS, "t", prefix="t_"),
 )
 
 
