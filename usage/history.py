@@ -179,14 +179,31 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
     closing = opening
     one_day = timedelta(days=1)
     result = []
-    # A Python walk over at most ~1100 days, bucket by bucket: no query per day, and the
-    # sums kept in locals (this loop is most of a year-long page's time).
-    daily = granularity == "day"
+    if granularity == "day":  # one bucket per day: no inner walk (a year-long page's case)
+        day = start
+        while day <= end:
+            row = by_day.get(day)
+            if row is None:
+                result.append(Bucket(day, 0, 0, 0, 0, 0, closing if track_level else 0,
+                                     balance if track_balance else None))
+            else:
+                _, c, r, o, b, u, row_peak, row_closing, capacity = row
+                c, r = c or 0, r or 0
+                peak = (row_peak or 0) if user is not None else max(row_peak or 0, closing)
+                closing = row_closing or 0
+                if track_balance:
+                    balance += (capacity or 0) - c + r
+                result.append(Bucket(day, c, r, o or 0, b or 0, u or 0, peak if track_level else 0,
+                                     balance if track_balance else None))
+            day += one_day
+        return result
+    # Weeks and months: a Python walk over at most ~1100 days, bucket by bucket (no query
+    # per day; the sums kept in locals).
     for first in bucket_starts(start, end, granularity):
         consumed = refunded = checked_out = returned = raw_usage = 0
         peak_max = 0
         day = first if first > start else start
-        last = first if daily else next_bucket(first, granularity) - one_day
+        last = next_bucket(first, granularity) - one_day
         if last > end:
             last = end
         while day <= last:
