@@ -336,3 +336,22 @@ def test_details_header_shows_the_forecast(client, world):
     page = client.get(reverse("usage:product_detail", kwargs={"slug": team.slug, "code": tokens.code}))
     # 60 used in the last 30 days: 2 a day, 40 left -> about 20 days, well before the end.
     assert "Runs out in ~20 days" in page.content.decode()
+
+
+def test_table_body_formats_whole_numbers_and_escapes_everything_else():
+    from usage.charts import Table
+    from usage.views import rows_html
+
+    table = Table(["service", "consumed", "net_consumed"], ["Service", "Consumed", "Net"], [
+        ["rendering", 1234567, -5],
+        ["<script>x</script>", 7, 0],
+        ["(none)", "<b>", 1.5],  # not whole numbers: built cell by cell, escaped
+        ["short", 3],  # a ragged row is not padded or cut
+    ])
+    assert rows_html(table).split("\n") == [
+        '<tr><th scope="row">rendering</th><td>1,234,567</td><td>-5</td></tr>',
+        '<tr><th scope="row">&lt;script&gt;x&lt;/script&gt;</th><td>7</td><td>0</td></tr>',
+        '<tr><th scope="row">(none)</th><td>&lt;b&gt;</td><td>1.5</td></tr>',
+        '<tr><th scope="row">short</th><td>3</td></tr>',
+    ]
+    assert rows_html(Table(["day"], ["Day"], [])) == ""

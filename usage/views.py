@@ -140,10 +140,22 @@ def rows_html(table: charts.Table) -> str:
     def cell(v) -> str:
         return f"<td>{v:,}</td>" if isinstance(v, int) else f"<td>{esc(str(v))}</td>"
 
-    return mark_safe("\n".join(  # noqa: S308 (every value is escaped or a formatted int)
-        f'<tr><th scope="row">{esc(str(row[0]))}</th>' + "".join([cell(v) for v in row[1:]]) + "</tr>"
-        for row in table.rows
-    ))
+    def generic(row) -> str:
+        return f'<tr><th scope="row">{esc(str(row[0]))}</th>' + "".join([cell(v) for v in row[1:]]) + "</tr>"
+
+    # Rows whose values are all whole numbers (nearly all) go through one format string;
+    # ",d" refuses anything else (text, decimals), and that row is built cell by cell.
+    width = len(table.labels)
+    all_ints = '<tr><th scope="row">{}</th>' + "<td>{:,d}</td>" * (width - 1) + "</tr>"
+    out = []
+    for row in table.rows:
+        try:
+            if len(row) != width:
+                raise ValueError
+            out.append(all_ints.format(esc(str(row[0])), *row[1:]))
+        except ValueError:
+            out.append(generic(row))
+    return mark_safe("\n".join(out))  # noqa: S308 (every value is escaped or a formatted int)
 
 
 def export_filename(team: Team, product: Product, query: UsageQuery) -> str:
