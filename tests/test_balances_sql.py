@@ -1,6 +1,6 @@
 """The balance selector's fixed SQL (PostgreSQL) reads exactly what its ORM reads do.
 
-``products.selectors._read_sql`` replaces three querysets on PostgreSQL; the ORM version
+``products.selectors._read_sql`` replaces three querysets with one statement on PostgreSQL; the ORM version
 stays the reference (and serves SQLite). Both run here on the same data, at several
 moments, for every way the selector is called, and must give the same rows and the
 same balances.
@@ -46,6 +46,8 @@ def world(require_postgres):
     # Monthly: a period in force and periods whose lot is not created yet.
     make_grant(team, units, 300, now=NOW, refresh=Refresh.MONTHLY, starts_at=NOW - timedelta(days=3), days=200)
     make_grant(team, seats, 5, now=NOW, days=365)
+    credits = ProductFactory(code="credits", name="Credits")
+    make_grant(team, credits, 100, now=NOW, starts_at=NOW, days=30)  # its lot starts exactly at NOW
     make_grant(other, tokens, 777, now=NOW, days=365)
     make_grant(other, ProductFactory(code="zz-other"), 5, now=NOW, days=365)
 
@@ -55,11 +57,12 @@ def world(require_postgres):
     usage_checkout(team=team, product=seats, quantity=2, checkout_id="c1", idempotency_key=key(), actor=actor,
                    now=NOW)
     usage_consume(team=other, product=tokens, quantity=7, idempotency_key=key(), actor=actor, now=NOW)
+    usage_consume(team=team, product=credits, quantity=5, idempotency_key=key(), actor=actor, now=NOW)
     # Rollups inside and outside the forecast windows of the moments above.
-    for ago in (1, 20, 45, 400):
+    for ago in (1, 20, 29, 30, 45, 400):  # 29 days ago: the first day of NOW's 30-day window
         DailyRollup.objects.update_or_create(team=team, product=tokens, day=(NOW - timedelta(days=ago)).date(),
                                              defaults={"consumed": 10 * ago, "refunded": ago})
-    return {"team": team, "tokens": tokens, "units": units, "seats": seats, "never": never}
+    return {"team": team, "tokens": tokens, "units": units, "seats": seats, "never": never, "credits": credits}
 
 
 def _rows(read, team, now, **kwargs):
@@ -94,9 +97,11 @@ def test_sql_reads_the_same_rows_as_the_orm(world, now):
 
 def test_the_reads_are_not_trivially_empty(world):
     holdings, grants, net = _rows(selectors._read_sql, world["team"], NOW, product_id=None, code=None)
-    assert [pid for pid, _, _ in holdings] == [world[c].pk for c in ("units", "seats", "tokens")]  # by name
-    assert len(grants) == 6  # tokens 4 (not the revoked one), units 1, seats 1; none of the other team
-    assert net == {world["tokens"].pk: 10 + 200 - 1 - 20 + 120, world["units"].pk: 40, world["seats"].pk: 0}
+    assert [pid for pid, _, _ in holdings] == [world[c].pk for c in ("units", "credits", "seats", "tokens")]
+    assert len(grants) == 7  # tokens 4 (not the revoked one), 1 each for the others; none of the other team
+    assert net == {world["tokens"].pk: 10 + 200 + 290 - 1 - 20 - 29 + 120, world["units"].pk: 40,
+                   world["seats"].pk: 0, world["credits"].pk: 5}
+    assert (NOW, 95) in {(g[6], g[7]) for g in grants}  # the lot whose period starts at NOW is in force
 
 
 @pytest.mark.parametrize("now", MOMENTS)
@@ -107,7 +112,7 @@ def test_balances_are_the_same_through_either_read(world, now, monkeypatch):
     monkeypatch.setattr(selectors, "_read_sql", selectors._read_orm)
     via_orm = [team_balances(team, now=now, **kwargs) for kwargs in calls]
     assert via_sql == via_orm
-    assert [b.product.code for b in via_sql[0]] == ["units", "seats", "tokens"]
+    assert [b.product.code for b in via_sql[0]] == ["units", "credits", "seats", "tokens"]
 
 
 def test_postgresql_uses_the_sql_read(world, django_assert_num_queries, monkeypatch):
@@ -115,6 +120,7 @@ def test_postgresql_uses_the_sql_read(world, django_assert_num_queries, monkeypa
         raise AssertionError("the ORM read ran on PostgreSQL")
 
     monkeypatch.setattr(selectors, "_read_orm", refuse)
-    with django_assert_num_queries(3):
+    with django_assert_num_queries(1):
         balances = team_balances(world["team"], now=NOW)
-    assert {b.product.code: b.available for b in balances} == {"tokens": 1050 - 120, "units": 260, "seats": 3}
+    assert {b.product.code: b.available for b in balances} == {"tokens": 1050 - 120, "units": 260, "seats": 3,
+                                                               "credits": 95}
