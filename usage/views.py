@@ -161,6 +161,11 @@ def rows_html(table: charts.Table) -> str:
     return mark_safe("\n".join(out))  # noqa: S308 (every value is escaped or a formatted int)
 
 
+def links(base_url: str, query: UsageQuery, param: str, choices, current: str) -> list[tuple[str, str, bool]]:
+    """(name, url, is current) of each choice of ``param``, the rest of the query kept."""
+    return [(name, f"{base_url}?{urlencode(query.params(**{param: key}))}", key == current) for key, name in choices]
+
+
 def export_filename(team: Team, product: Product, query: UsageQuery) -> str:
     suffix = FILE_SUFFIX[query.granularity if query.tab == "usage" else query.tab]
     return f"{team.slug}_{product.code}_{query.start.isoformat()}_{query.end.isoformat()}_{suffix}.csv"
@@ -192,12 +197,11 @@ def product_detail(request: HttpRequest, slug: str, code: str) -> HttpResponse:
         export_url = reverse("usage:product_export", kwargs={"slug": team.slug, "code": product.code})
         context["export_url"] = f"{export_url}?{urlencode(query.params())}"
         context["export_filename"] = export_filename(team, product, query)
-    context["tabs"] = [(key, name, f"{base_url}?{urlencode(query.params(view=key))}") for key, name in TABS]
-    context["granularity_tabs"] = [
-        (key, name, f"{base_url}?{urlencode(query.params(granularity=key))}")
-        for key, name in GRANULARITY_TABS if key in granularities_for(product)
-    ]
-    context["range_tabs"] = [(key, name, f"{base_url}?{urlencode(query.params(range=key))}") for key, name in RANGES]
+    context["tabs"] = links(base_url, query, "view", TABS, query.tab)
+    allowed = granularities_for(product)
+    context["granularity_tabs"] = links(base_url, query, "granularity",
+                                        [(k, n) for k, n in GRANULARITY_TABS if k in allowed], query.granularity)
+    context["range_tabs"] = links(base_url, query, "range", RANGES, query.range_key)
     context["granularity_name"] = dict(GRANULARITY_TABS)[query.granularity]
     template = "usage/product_detail.html#chart" if request.htmx else "usage/product_detail.html"
     status = 400 if query.error and not request.htmx else 200
@@ -281,9 +285,8 @@ def my_usage(request: HttpRequest, slug: str) -> HttpResponse:
     context = {
         "team": team, "membership": membership, "query": query, "base_url": base_url, "sections": sections,
         "identifier": identifier, "is_admin": membership.is_admin,
-        "granularity_tabs": [(key, name, f"{base_url}?{urlencode(query.params(granularity=key))}")
-                             for key, name in GRANULARITY_TABS],
-        "range_tabs": [(key, name, f"{base_url}?{urlencode(query.params(range=key))}") for key, name in RANGES],
+        "granularity_tabs": links(base_url, query, "granularity", GRANULARITY_TABS, query.granularity),
+        "range_tabs": links(base_url, query, "range", RANGES, query.range_key),
     }
     template = "usage/my_usage.html#panel" if request.htmx else "usage/my_usage.html"
     response = render(request, template, context, status=400 if query.error and not request.htmx else 200)
