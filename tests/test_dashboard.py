@@ -392,3 +392,13 @@ def test_home_returns_to_the_team_opened_last_even_seconds_apart(client, world):
     seen = Membership.objects.get(user=user, team=world["team"]).last_seen_at
     client.get(dashboard_url(world["team"]))
     assert Membership.objects.get(user=user, team=world["team"]).last_seen_at == seen
+
+
+@pytest.mark.parametrize("value, shown", [(0, "0"), (999, "999"), (1000, "1,000"), (-1234567, "-1,234,567"),
+                                          (10**15, "1,000,000,000,000,000"), ("1234", "1,234"), (None, "None")])
+def test_thousands_filter_matches_intcomma(value, shown):
+    from django.contrib.humanize.templatetags.humanize import intcomma
+
+    from products.templatetags.capacity import thousands
+
+    assert thousands(value) == shown == str(intcomma(value))
