@@ -7,7 +7,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 
 from products.models import Lot, Refresh, Source
 from products.selectors import product_balance, team_balances
@@ -275,11 +275,12 @@ def test_balances_query_count_is_constant(world, django_assert_num_queries):
     team = world["team"]
     for i in range(3):
         make_grant(team, ProductFactory(code=f"few-{i}"), 10, now=NOW)
-    with django_assert_num_queries(3):
+    queries = 1 if connection.vendor == "postgresql" else 3  # one fixed statement on PostgreSQL
+    with django_assert_num_queries(queries):
         assert len(team_balances(team, now=NOW)) == 3
     for i in range(20):
         make_grant(team, ProductFactory(code=f"many-{i}"), 10, refresh=Refresh.MONTHLY, now=NOW)
-    with django_assert_num_queries(3):
+    with django_assert_num_queries(queries):
         assert len(team_balances(team, now=NOW)) == 23
 
 
