@@ -105,9 +105,10 @@ def team_balances(team: Team, *, now: datetime | None = None, product: Product |
                   code: str | None = None) -> list[Balance]:
     """Balances of every product the team has ever been granted, at ``now``.
 
-    Three queries whatever the number of products: the holdings, the grants with their
-    lots in force (one join), and the last 30 days' net consumption for the forecast
-    (fixed SQL on PostgreSQL, the ORM elsewhere: ``_read_sql``). Correct at read time: a monthly
+    A constant number of queries whatever the number of products (one statement on
+    PostgreSQL, ``_read_sql``; three through the ORM elsewhere): the holdings, the grants
+    with their lots in force, and the last 30 days' net consumption for the forecast.
+    Correct at read time: a monthly
     period whose lot is not created yet counts as full (the lot appears on first use
     or with the refresh task), and lots past their end count for nothing.
     """
