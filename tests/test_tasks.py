@@ -252,6 +252,7 @@ def test_make_run_server_does_the_periodic_work_without_redis(tmp_path):
     import subprocess
     import sys
     import time
+    import urllib.error
     import urllib.request
     from pathlib import Path
 
@@ -284,8 +285,17 @@ def test_make_run_server_does_the_periodic_work_without_redis(tmp_path):
                 break
             time.sleep(0.5)
         assert kinds == ["grant", "expire", "refresh"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
-            assert response.status == 200
+        # The jobs can finish before the server listens (its start-up checks run first on a
+        # busy machine): give it until the deadline to answer.
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+                    assert response.status == 200
+                break
+            except urllib.error.URLError as exc:  # urlopen wraps the refused connection
+                if not isinstance(exc.reason, ConnectionRefusedError) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
     finally:
         server.terminate()
         output = server.communicate(timeout=30)[0].decode()
