@@ -313,3 +313,17 @@ def test_postgresql_fixed_sql_reads_the_same_rows_as_the_orm(w, require_postgres
     _, level, _ = history._team_rows_sql(w["team"], pool, date(2026, 3, 1), date(2026, 3, 31),
                                          track_balance=False, track_level=True)
     assert level == 3
+
+
+def test_a_users_daily_level_never_shows_below_zero(w):
+    """A return reported as earlier than its checkout leaves one person's running level
+    below zero for a while; the daily view shows 0 then, as the weekly view does."""
+    pool = w["pool"]
+    common = dict(team=w["team"], product=pool, actor=w["actor"])
+    usage_checkout(**common, quantity=4, checkout_id="late", user="a@example.com", idempotency_key=key(),
+                   occurred_at=local(2026, 5, 3, 9))
+    usage_return(**common, quantity=4, checkout_id="late", idempotency_key=key(), occurred_at=local(2026, 5, 1, 9))
+    args = dict(team=w["team"], product=pool, start=date(2026, 5, 1), end=date(2026, 5, 4), user="a@example.com")
+    days = usage_series(**args, granularity="day")
+    assert [b.peak_checked_out for b in days] == [0, 0, 0, 0]
+    assert [b.peak_checked_out for b in usage_series(**args, granularity="week")] == [0, 0]

@@ -347,11 +347,13 @@ def test_table_body_formats_whole_numbers_and_escapes_everything_else():
         ["<script>x</script>", 7, 0],
         ["(none)", "<b>", 1.5],  # not whole numbers: built cell by cell, escaped
         ["short", 3],  # a ragged row is not padded or cut
+        ["empty", None, 2],
     ])
     assert rows_html(table).split("\n") == [
         '<tr><th scope="row">rendering</th><td>1,234,567</td><td>-5</td></tr>',
         '<tr><th scope="row">&lt;script&gt;x&lt;/script&gt;</th><td>7</td><td>0</td></tr>',
         '<tr><th scope="row">(none)</th><td>&lt;b&gt;</td><td>1.5</td></tr>',
         '<tr><th scope="row">short</th><td>3</td></tr>',
+        '<tr><th scope="row">empty</th><td>None</td><td>2</td></tr>',
     ]
     assert rows_html(Table(["day"], ["Day"], [])) == ""

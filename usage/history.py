@@ -183,8 +183,8 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
         day = start
         while day <= end:
             row = by_day.get(day)
-            if row is None:
-                result.append(Bucket(day, 0, 0, 0, 0, 0, closing if track_level else 0,
+            if row is None:  # nothing happened: yesterday's level held all day
+                result.append(Bucket(day, 0, 0, 0, 0, 0, max(closing, 0) if track_level else 0,
                                      balance if track_balance else None))
             else:
                 _, c, r, o, b, u, row_peak, row_closing, capacity = row
@@ -193,7 +193,7 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
                 closing = row_closing or 0
                 if track_balance:
                     balance += (capacity or 0) - c + r
-                result.append(Bucket(day, c, r, o or 0, b or 0, u or 0, peak if track_level else 0,
+                result.append(Bucket(day, c, r, o or 0, b or 0, u or 0, max(peak, 0) if track_level else 0,
                                      balance if track_balance else None))
             day += one_day
         return result
@@ -281,7 +281,7 @@ def _team_rows_orm(team: Team, product: Product, start: date, end: date, *, trac
 def _team_rows_sql(team: Team, product: Product, start: date, end: date, *, track_balance: bool,
                    track_level: bool) -> tuple[list[tuple], int, int]:
     """``_team_rows_orm`` as one fixed statement (PostgreSQL): compiling the union cost
-    more than running it. ``tests/test_history_sql.py`` holds the two to the same rows."""
+    more than running it. ``tests/test_history.py`` holds the two to the same rows."""
     sql = _SQL_ROWS
     params = [team.pk, product.pk, start, end]
     if track_balance or track_level:  # the value carried in: one row whose day is NULL

@@ -156,7 +156,7 @@ def rows_html(table: charts.Table) -> str:
             if len(row) != width:
                 raise ValueError
             out.append(all_ints.format(head(row[0]), *row[1:]))
-        except ValueError:
+        except (ValueError, TypeError):  # TypeError: None
             out.append(generic(row))
     return mark_safe("\n".join(out))  # noqa: S308 (every value is escaped or a formatted int)
 

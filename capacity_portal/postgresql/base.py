@@ -25,10 +25,12 @@ class DatabaseWrapper(base.DatabaseWrapper):
             return False
         if conn.info.transaction_status != pq.TransactionStatus.IDLE:
             return super().is_usable()
+        poller = select.poll()  # (select.select refuses descriptors past 1023)
         try:
-            readable, _, _ = select.select([conn.fileno()], [], [], 0)
+            poller.register(conn.fileno(), select.POLLIN)
+            events = poller.poll(0)
         except (OSError, ValueError):
             return False
-        if readable:  # the server spoke while the connection was idle: usually goodbye
+        if events:  # the server spoke while the connection was idle (usually goodbye), or hung up
             return super().is_usable()
         return True
