@@ -249,7 +249,6 @@ def _timestamp(value: str | None) -> datetime | None:
 
 
 _PRODUCT_FIELDS = Product._meta.concrete_fields
-_PRODUCT_ATTNAMES = [f.attname for f in _PRODUCT_FIELDS]
 _SQL_BALANCES = (
     "SELECT tp.checked_out,"
     # Every unrevoked grant with its lot in force now, if any (see _read_orm).

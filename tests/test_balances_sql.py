@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from products import selectors
-from products.models import CapacityType, Refresh, Source
+from products.models import CapacityType, Product, Refresh, Source
 from products.selectors import team_balances
 from products.services import grant_revoke
 from usage.actors import Actor
@@ -69,7 +69,7 @@ def _rows(read, team, now, **kwargs):
     first, last = selectors.forecast_window(selectors.local_date(now, team.tzinfo))
     holdings, grants, net = read(team, now, first, last, **kwargs)
     return (
-        [(h.product.pk, [getattr(h.product, f) for f in selectors._PRODUCT_ATTNAMES], h.checked_out)
+        [(h.product.pk, [getattr(h.product, f.attname) for f in Product._meta.concrete_fields], h.checked_out)
          for h in holdings],
         sorted(tuple(g) for g in grants),
         {pid: int(v) for pid, v in net.items()},

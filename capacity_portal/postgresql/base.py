@@ -5,9 +5,13 @@ first query. Django checks with ``SELECT 1``: a round trip on every request, abo
 quarter of a worker's time on a consume under load. Here an idle connection is checked
 by polling its socket instead: a server that shuts down or terminates the backend
 sends an error and closes the socket, which makes it readable. Only then (or when the
-connection is not idle) is Django's ``SELECT 1`` run to decide. What neither check can
-see quickly (a host gone without closing its sockets) fails that request's query, as
-it would without health checks.
+connection is not idle) is Django's ``SELECT 1`` run to decide.
+
+The trade: a peer that vanished without closing the connection (a host rebooted, a
+dropped NAT entry) leaves the socket quiet, so it is found by the request's first query,
+which fails (one error per worker connection, then Django reconnects); Django's
+``SELECT 1`` would have met the reset first and reconnected. A server restart or a
+terminated backend is caught as before.
 """
 
 from __future__ import annotations
