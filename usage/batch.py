@@ -34,6 +34,7 @@ from .ledger import CAPACITY_FIELDS, ROLLUP_FIELDS, members_for, plan_draw, prep
 from .models import DailyBreakdown, DailyRollup, Event, Kind, LedgerEntry
 from .services import (
     Outcome,
+    _check_key,
     _clean_common,
     _payload,
     fingerprint,
@@ -147,8 +148,7 @@ def _record_fast(team: Team, requests: list[UsageRequest], actor: Actor, now: da
                 raise returnable_not_consumable(product.code)
             if operation == "metered" and not product.metered:
                 raise InvalidRequest(f"{product.code} is not a metered product: use kind=consume.")
-            if not request.idempotency_key or len(request.idempotency_key) > 255:
-                raise InvalidRequest("idempotency_key must be 1 to 255 characters.")
+            _check_key(request.idempotency_key)
             payload = _payload(product.code, request.quantity, request.occurred_at, user=request.user,
                                service=request.service, job_id=request.job_id)
             fp = fingerprint({"operation": operation, **payload})

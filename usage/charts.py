@@ -98,12 +98,11 @@ def series_table(product: Product, buckets: list[Bucket], granularity: str, *, p
     pick = itemgetter(*[_SERIES_VALUES.index(c) for c in columns])
     rows = table.rows
     running = 0
-    daily = granularity == "day"
     for b in buckets:
         net = b.consumed - b.refunded
         running += net
         values = (b.raw_usage, b.consumed, b.refunded, net, running, b.available if b.available is not None else 0)
-        rows.append([b.start.isoformat(), *pick(values)] if daily else [*lead(b), *pick(values)])
+        rows.append([*lead(b), *pick(values)])
     return table
 
 
