@@ -524,7 +524,7 @@ def test_rate_limit_counts_in_redis_when_configured(acme, settings, require_redi
     import redis
 
     prefix = f"test-{key()}"
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+    settings.CACHES = {"default": {"BACKEND": "capacity_portal.cache.RedisCache",
                                    "LOCATION": require_redis, "KEY_PREFIX": prefix}}
     settings.API_RATE_LIMIT_PER_MINUTE = 2
     assert acme["api"].get("/balances").status_code == 200
@@ -537,7 +537,7 @@ def test_rate_limit_counts_in_redis_when_configured(acme, settings, require_redi
 
 
 def test_rate_limit_fails_open_when_the_cache_is_down(acme, settings, caplog):
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+    settings.CACHES = {"default": {"BACKEND": "capacity_portal.cache.RedisCache",
                                    "LOCATION": "redis://127.0.0.1:1/0"}}  # nothing listens there
     settings.API_RATE_LIMIT_PER_MINUTE = 1
     assert acme["api"].get("/balances").status_code == 200

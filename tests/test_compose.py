@@ -95,13 +95,14 @@ def test_settings_load_from_the_env_file():
         "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'capacity_portal.settings'); "
         "django.setup(); from django.conf import settings as s; from capacity_portal.celery import app; "
         "print(s.DEBUG, s.DATABASES['default']['ENGINE'], s.DATABASES['default']['HOST'], "
-        "app.conf.broker_url, app.conf.task_always_eager, s.EMAIL_BACKEND.rsplit('.', 2)[1])"
+        "app.conf.broker_url, app.conf.task_always_eager, s.EMAIL_BACKEND.rsplit('.', 2)[1], "
+        "s.CACHES['default']['BACKEND'])"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "capacity_portal.postgresql", "postgres", "redis://redis:6379/0",
-                                  "False", "console"]
+                                  "False", "console", "capacity_portal.cache.RedisCache"]
 
 
 @pytest.mark.parametrize("service", ["worker", "beat"])

@@ -58,6 +58,7 @@ MAX_QUANTITY = 10**15
 OCCURRED_AT_PAST = timedelta(days=35)
 OCCURRED_AT_FUTURE = timedelta(minutes=5)
 LAST_USED_EVERY = timedelta(seconds=60)
+RATE_WINDOW_TTL = 120  # seconds a one-minute window's counter is kept (it outlives its minute)
 HISTORY_FIRST_DAY = date(2000, 1, 1)
 HISTORY_LAST_DAY = date(2999, 12, 31)
 # PostgreSQL aborts one side of a deadlock (40P01) or a serialization failure (40001);
@@ -319,10 +320,12 @@ def _check_rate(api_key: ApiKey) -> None:
 
 
 def _count(name: str) -> int:
+    if hasattr(cache, "count"):  # capacity_portal.cache.RedisCache: one atomic round trip
+        return cache.count(name, RATE_WINDOW_TTL)
     try:
-        return cache.incr(name)  # one round trip on the hot path (atomic in Redis)
+        return cache.incr(name)
     except ValueError:  # the window's first request
-        if cache.add(name, 1, timeout=120):
+        if cache.add(name, 1, timeout=RATE_WINDOW_TTL):
             return 1
         return cache.incr(name)  # another request created it meanwhile
 

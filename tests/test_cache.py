@@ -1,0 +1,66 @@
+"""capacity_portal.cache.RedisCache: Django's Redis backend with one client per pool and a
+one-round-trip counter (the API's rate limit). Needs Redis."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from capacity_portal.cache import RedisCache
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def rcache(require_redis):
+    cache = RedisCache(require_redis, {"KEY_PREFIX": f"test-cache-{uuid.uuid4().hex}"})
+    yield cache
+    client = cache._cache.get_client(write=True)
+    for name in client.scan_iter(f"{cache.key_prefix}:*"):
+        client.delete(name)
+
+
+def test_count_starts_at_one_and_expires_from_its_first_count(rcache):
+    assert rcache.count("window", 120) == 1
+    client = rcache._cache.get_client(write=True)
+    stored = rcache.make_key("window")
+    ttl = client.ttl(stored)
+    assert 0 < ttl <= 120
+    client.expire(stored, 30)  # later counts must not extend it again
+    assert rcache.count("window", 120) == 2
+    assert rcache.count("window", 120) == 3
+    assert 0 < client.ttl(stored) <= 30
+    assert rcache.get("window") == 3  # the same key Django's get/incr see
+
+
+def test_count_is_exact_under_concurrency(rcache):
+    seen = []
+
+    def hit():
+        for _ in range(50):
+            seen.append(rcache.count("busy", 60))
+
+    threads = [threading.Thread(target=hit) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == list(range(1, 401))  # every count exactly once: no lost update
+
+
+def test_one_client_per_pool_and_django_semantics_unchanged(rcache):
+    inner = rcache._cache
+    assert inner.get_client(write=True) is inner.get_client(write=True)
+    assert inner.get_client() is inner.get_client(write=True)  # one server: reads use the same pool
+    with pytest.raises(ValueError):
+        rcache.incr("missing")
+    rcache.set("n", 5)
+    assert rcache.incr("n") == 6
+    assert rcache.add("n", 1) is False
+    rcache.set_many({"a": {"x": 1}, "b": "text"})
+    assert rcache.get_many(["a", "b", "c"]) == {"a": {"x": 1}, "b": "text"}
+    rcache.delete("a")
+    assert rcache.get("a") is None
+
