@@ -12,12 +12,12 @@ domain invariants:
   the local day in the team's time zone, and ``DailyRollup`` rows the sum of those
   (checked against the ledger total).
 
-Seeded consume rows carry the team's API key as actor. Those of the last 30 days also
-have their ``Event`` (the idempotency record), as in production, where the retention job
-deletes events after ``IDEMPOTENCY_RETENTION_DAYS`` (30) days: about 800,000 of them. Without
-them the measured requests would start on an empty event table, which is not the steady
-state: a backend then plans the foreign-key check on it as a scan of a tiny table and keeps
-that plan while the table grows (a 1,000-event batch's COMMIT took 2 s instead of 0.1 s).
+Every seeded consume row has its ``Event`` (the request that caused it), as in production:
+the retention job only deletes events that no ledger row refers to, so a consume's event
+is kept as long as its ledger row. Without them the measured requests would start on an
+empty event table, which is not the steady state: a backend then plans the foreign-key
+check on it as a scan of a tiny table and keeps that plan while the table grows (a
+1,000-event batch's COMMIT took 2 s instead of 0.1 s).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-SEED_VERSION = "2026-11-24.2"
+SEED_VERSION = "2026-11-24.3"
 
 SERVICES = ("rendering", "simulation", "analysis", "optimization", "model_creation")
 TIMEZONES = ("UTC", "America/New_York", "Europe/Berlin", "Asia/Tokyo", "Australia/Sydney")
@@ -38,8 +38,6 @@ AMOUNTS = tuple(1 + (7 * j) % 10 for j in range(10))  # a permutation of 1..10
 N_PRODUCTS = 50
 SMALL_TEAM_PRODUCTS = 5
 PER_TEAM_PRODUCTS = 3
-NULL = "\\N"  # COPY's text format
-EVENT_DAYS = 30  # the consumes of the last 30 days have their Event (IDEMPOTENCY_RETENTION_DAYS)
 
 
 @dataclass(frozen=True)
@@ -100,15 +98,6 @@ def is_low(team_index: int, product_index: int) -> bool:
 def grant_quantity(consumed: int, low: bool) -> int:
     headroom = consumed // 6 + 1 if low else max(consumed, 200_000)
     return consumed + headroom
-
-
-def first_with_event(n: int, usage_start: int, span: int, cutoff: int) -> int:
-    """Index of a holding's first consume row stamped at or after ``cutoff``.
-
-    Row ``i`` of ``n`` is stamped ``usage_start + (i * span) // n``; that is >= cutoff exactly
-    when ``i * span >= (cutoff - usage_start) * n`` (both sides integers).
-    """
-    return min(n, max(0, -(-(cutoff - usage_start) * n // span)))
 
 
 def team_slug(t: int) -> str:
@@ -228,16 +217,13 @@ def seed(plan: Plan) -> dict:
                     "'usage_event') AND indexdef NOT LIKE 'CREATE UNIQUE%%'")
         plain_indexes = cur.fetchall()
 
-    # Which consume rows have their Event: per holding, the rows from first_with_event on;
-    # event ids are numbered holding by holding, so the ledger COPY can name them.
-    span = usage_end - usage_start
-    cutoff = int((now - timedelta(days=EVENT_DAYS)).timestamp())
-    event_from = [first_with_event(n, usage_start, span, cutoff) for n in counts]
+    # Event ids are numbered holding by holding: row i of holding h has event event_base[h] + i.
     event_base, next_id = [], 1
-    for n, i0 in zip(counts, event_from, strict=True):
-        event_base.append(next_id - i0)  # event id of row i (i >= i0): event_base + i
-        next_id += n - i0
+    for n in counts:
+        event_base.append(next_id)
+        next_id += n
     n_events = next_id - 1
+    span = usage_end - usage_start
 
     stamp = _Stamp()
     written = 0
@@ -251,6 +237,8 @@ def seed(plan: Plan) -> dict:
         cur.execute("SET LOCAL session_replication_role = replica")
         for name, _ in plain_indexes:
             cur.execute(f'DROP INDEX "{name}"')
+        # (COPY's text format as is: every string here is plain ASCII, no tab, newline or
+        # backslash, so json.dumps needs no further escaping.)
         t_events = time.monotonic()
         event_cols = ("id, team_id, key, fingerprint, operation, request, status_code, response, api_key_id, "
                       "created_at")
@@ -258,7 +246,7 @@ def seed(plan: Plan) -> dict:
             for h, ((t, p), n) in enumerate(zip(holdings, counts, strict=True)):
                 slug, code, quantity = team_slug(t), product_code(p), quantities[h]
                 buf = []
-                for i in range(event_from[h], n):
+                for i in range(n):
                     a = AMOUNTS[i % 10]
                     user, service = f"user{(i // 50) % 4}@{slug}.example", SERVICES[(i // 20) % 5]
                     payload = {"product": code, "quantity": a, "occurred_at": None, "user": user,
@@ -272,12 +260,19 @@ def seed(plan: Plan) -> dict:
                                f"{json.dumps(response)}\t{keys[t].pk}\t{stamp(usage_start + (i * span) // n)}\n")
                     if len(buf) >= 20_000:
                         copy.write("".join(buf))
+                        written += len(buf)
                         buf = []
                 if buf:
                     copy.write("".join(buf))
+                    written += len(buf)
+                if written >= next_report:
+                    rate = written / (time.monotonic() - t_events)
+                    log(f"events COPY {written:,}/{n_events:,} rows ({rate:,.0f} rows/s, "
+                        f"~{(n_events - written) / rate:.0f}s left)")
+                    next_report += 1_000_000
         cur.execute("SELECT setval(pg_get_serial_sequence('usage_event', 'id'), %s)", [max(n_events, 1)])
-        log(f"events COPY done: {n_events:,} events of the last {EVENT_DAYS} days in "
-            f"{time.monotonic() - t_events:.1f}s")
+        log(f"events COPY done: {n_events:,} rows in {time.monotonic() - t_events:.1f}s")
+        written, next_report = 0, 500_000
         t0 = time.monotonic()
         with cur.cursor.copy(f"COPY usage_ledgerentry ({cols}) FROM STDIN") as copy:
             buf = []
@@ -292,14 +287,14 @@ def seed(plan: Plan) -> dict:
                 actor = f"api_key:{keys[t].prefix}\t{keys[t].pk}\t"
                 slug = team_slug(t)
                 users_ = [f"user{j}@{slug}.example" for j in range(4)]
-                i0, base = event_from[h], event_base[h]
+                base = event_base[h]
                 buf = []
                 for i in range(n):
                     a = AMOUNTS[i % 10]
                     ts = stamp(usage_start + (i * span) // n)
                     job = f"job-{h}-{i}" if i % 10 == 0 else ""
                     buf.append(f"{head}-{a}\t{a}\t{ts}\t{ts}\t{actor}{users_[(i // 50) % 4]}\t"
-                               f"{SERVICES[(i // 20) % 5]}\t{job}\t\t{base + i if i >= i0 else NULL}\n")
+                               f"{SERVICES[(i // 20) % 5]}\t{job}\t\t{base + i}\n")
                     if len(buf) >= 20_000:
                         copy.write("".join(buf))
                         written += len(buf)
@@ -364,19 +359,21 @@ def seed(plan: Plan) -> dict:
                     "(SELECT count(*) FROM usage_ledgerentry)")
         ledger_sum, rollup_sum, ledger_count = cur.fetchone()
         # (The load ran with its foreign-key triggers off: check the event links here.)
-        cur.execute("SELECT (SELECT count(*) FROM usage_event), count(l.event_id), "
-                    "count(*) FILTER (WHERE e.id IS NULL OR e.team_id <> l.team_id) "
-                    "FROM usage_ledgerentry l LEFT JOIN usage_event e ON e.id = l.event_id "
-                    "WHERE l.event_id IS NOT NULL")
-        event_count, linked, bad_links = cur.fetchone()
+        cur.execute("SELECT (SELECT count(*) FROM usage_event), count(DISTINCT l.event_id), "
+                    "count(*) FILTER (WHERE l.event_id IS NOT NULL AND (e.id IS NULL OR e.team_id <> l.team_id "
+                    "OR e.created_at <> l.recorded_at OR e.api_key_id IS DISTINCT FROM l.actor_api_key_id "
+                    "OR l.kind <> 'consume')), "
+                    "count(*) FILTER (WHERE l.event_id IS NULL AND l.kind = 'consume') "
+                    "FROM usage_ledgerentry l LEFT JOIN usage_event e ON e.id = l.event_id")
+        event_count, linked, bad_links, unlinked = cur.fetchone()
     if drift or ledger_sum != rollup_sum or ledger_count != plan.ledger_rows:
         sys.exit(f"bench: seeded data is inconsistent (lot drift {drift}, ledger {ledger_sum} vs rollups "
                  f"{rollup_sum}, {ledger_count} rows)")
-    if event_count != n_events or linked != n_events or bad_links:
-        sys.exit(f"bench: seeded events are inconsistent ({event_count} events, {linked} linked rows, "
-                 f"{bad_links} broken links, {n_events} planned)")
+    if event_count != n_events or linked != n_events or bad_links or unlinked:
+        sys.exit(f"bench: seeded events are inconsistent ({event_count} events, {linked} linked, "
+                 f"{bad_links} broken links, {unlinked} consumes without one, {n_events} planned)")
     log(f"verified: every lot's remaining matches its ledger, rollups match the ledger, each of the "
-        f"{n_events:,} events has its ledger row ({time.monotonic() - t:.1f}s)")
+        f"{n_events:,} consumes has its own event ({time.monotonic() - t:.1f}s)")
     step("vacuum analyze", "VACUUM (ANALYZE)")
     settle(log)
 
