@@ -49,5 +49,7 @@ class RedisCache(django_redis.RedisCache):
     def count(self, key, timeout, version=None) -> int:
         """Add one to ``key`` and return the new value; a new key starts at 1 and expires
         ``timeout`` seconds later (later counts do not extend it)."""
+        if not isinstance(timeout, int) or timeout <= 0:
+            raise ValueError(f"count() needs a time to live in whole seconds > 0, not {timeout!r}")
         key = self.make_and_validate_key(key, version=version)
         return self._cache.count(key, timeout)

@@ -532,8 +532,10 @@ def test_rate_limit_counts_in_redis_when_configured(acme, settings, require_redi
     limited = acme["api"].get("/balances")
     assert_error(limited, 429, "rate_limited")
     assert 1 <= int(limited["Retry-After"]) <= 60
-    stored = redis.Redis.from_url(require_redis).keys(f"{prefix}:*api-rate:*")
-    assert len(stored) == 1  # expires by itself (TTL 120 s); nothing else in Redis is touched
+    client = redis.Redis.from_url(require_redis)
+    stored = client.keys(f"{prefix}:*api-rate:*")
+    assert len(stored) == 1  # nothing else in Redis is touched
+    assert 60 < client.ttl(stored[0]) <= 120 and int(client.get(stored[0])) == 3  # expires by itself
 
 
 def test_rate_limit_fails_open_when_the_cache_is_down(acme, settings, caplog):

@@ -35,6 +35,13 @@ def test_count_starts_at_one_and_expires_from_its_first_count(rcache):
     assert rcache.get("window") == 3  # the same key Django's get/incr see
 
 
+@pytest.mark.parametrize("timeout", [None, 0, -1, 1.5])
+def test_count_refuses_a_counter_that_would_never_expire_or_vanish_at_once(rcache, timeout):
+    with pytest.raises(ValueError):
+        rcache.count("window", timeout)
+    assert rcache.get("window") is None
+
+
 def test_count_is_exact_under_concurrency(rcache):
     seen = []
 
