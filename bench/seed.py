@@ -128,6 +128,35 @@ class _Stamp:
         return f"{prefix}{h:02d}:{m:02d}:{s:02d}+00"
 
 
+class _Copy:
+    """Lines into an open ``COPY ... FROM STDIN``, written in chunks, with progress lines."""
+
+    def __init__(self, copy, label: str, total: int, every: int):
+        self.copy, self.label, self.total, self.every = copy, label, total, every
+        self.buf: list[str] = []
+        self.written, self.next_report, self.started = 0, every, time.monotonic()
+
+    def add(self, line: str) -> None:
+        self.buf.append(line)
+        if len(self.buf) >= 20_000:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            self.copy.write("".join(self.buf))
+            self.written += len(self.buf)
+            self.buf = []
+        if self.written >= self.next_report:
+            rate = self.written / (time.monotonic() - self.started)
+            log(f"{self.label} {self.written:,}/{self.total:,} rows ({rate:,.0f} rows/s, "
+                f"~{(self.total - self.written) / rate:.0f}s left)")
+            self.next_report += self.every
+
+    def done(self) -> None:
+        self.flush()
+        log(f"{self.label} done: {self.written:,} rows in {time.monotonic() - self.started:.1f}s")
+
+
 def settle(log) -> None:
     """Write the seed out before anything is measured: a checkpoint, then the kernel's dirty pages.
 
@@ -226,8 +255,6 @@ def seed(plan: Plan) -> dict:
     span = usage_end - usage_start
 
     stamp = _Stamp()
-    written = 0
-    next_report = 500_000
     cols = ('team_id, product_id, lot_id, grant_id, kind, delta, amount, occurred_at, recorded_at, actor, '
             'actor_api_key_id, "user", service, job_id, note, event_id')
     grant_at = stamp(int(grant_start.timestamp()))
@@ -239,13 +266,12 @@ def seed(plan: Plan) -> dict:
             cur.execute(f'DROP INDEX "{name}"')
         # (COPY's text format as is: every string here is plain ASCII, no tab, newline or
         # backslash, so json.dumps needs no further escaping.)
-        t_events = time.monotonic()
         event_cols = ("id, team_id, key, fingerprint, operation, request, status_code, response, api_key_id, "
                       "created_at")
         with cur.cursor.copy(f"COPY usage_event ({event_cols}) FROM STDIN") as copy:
+            out = _Copy(copy, "events COPY", n_events, every=1_000_000)
             for h, ((t, p), n) in enumerate(zip(holdings, counts, strict=True)):
                 slug, code, quantity = team_slug(t), product_code(p), quantities[h]
-                buf = []
                 for i in range(n):
                     a = AMOUNTS[i % 10]
                     user, service = f"user{(i // 50) % 4}@{slug}.example", SERVICES[(i // 20) % 5]
@@ -256,31 +282,15 @@ def seed(plan: Plan) -> dict:
                     eid = event_base[h] + i
                     response = {"id": eid, "product": code, "available": quantity - amount_sum(i + 1),
                                 "total": quantity, "kind": "consume", "quantity": a, "charged": a}
-                    buf.append(f"{eid}\t{teams[t].pk}\tseed-{h}-{i}\t{fp}\tconsume\t{json.dumps(payload)}\t201\t"
-                               f"{json.dumps(response)}\t{keys[t].pk}\t{stamp(usage_start + (i * span) // n)}\n")
-                    if len(buf) >= 20_000:
-                        copy.write("".join(buf))
-                        written += len(buf)
-                        buf = []
-                if buf:
-                    copy.write("".join(buf))
-                    written += len(buf)
-                if written >= next_report:
-                    rate = written / (time.monotonic() - t_events)
-                    log(f"events COPY {written:,}/{n_events:,} rows ({rate:,.0f} rows/s, "
-                        f"~{(n_events - written) / rate:.0f}s left)")
-                    next_report += 1_000_000
+                    out.add(f"{eid}\t{teams[t].pk}\tseed-{h}-{i}\t{fp}\tconsume\t{json.dumps(payload)}\t201\t"
+                            f"{json.dumps(response)}\t{keys[t].pk}\t{stamp(usage_start + (i * span) // n)}\n")
+            out.done()
         cur.execute("SELECT setval(pg_get_serial_sequence('usage_event', 'id'), %s)", [max(n_events, 1)])
-        log(f"events COPY done: {n_events:,} rows in {time.monotonic() - t_events:.1f}s")
-        written, next_report = 0, 500_000
-        t0 = time.monotonic()
         with cur.cursor.copy(f"COPY usage_ledgerentry ({cols}) FROM STDIN") as copy:
-            buf = []
+            out = _Copy(copy, "ledger COPY", plan.ledger_rows, every=500_000)
             for g in grants:
-                buf.append(f"{g.team_id}\t{g.product_id}\t\\N\t{g.pk}\tgrant\t{g.quantity}\t{g.quantity}\t{grant_at}\t"
-                           f"{grant_at}\tsystem\t\\N\t\t\t\tbench seed\t\\N\n")
-            copy.write("".join(buf))
-            written += len(buf)
+                out.add(f"{g.team_id}\t{g.product_id}\t\\N\t{g.pk}\tgrant\t{g.quantity}\t{g.quantity}\t{grant_at}\t"
+                        f"{grant_at}\tsystem\t\\N\t\t\t\tbench seed\t\\N\n")
             for h, ((t, _p), n) in enumerate(zip(holdings, counts, strict=True)):
                 lot = lots[h]
                 head = f"{lot.team_id}\t{lot.product_id}\t{lot.pk}\t{lot.grant_id}\tconsume\t"
@@ -288,26 +298,13 @@ def seed(plan: Plan) -> dict:
                 slug = team_slug(t)
                 users_ = [f"user{j}@{slug}.example" for j in range(4)]
                 base = event_base[h]
-                buf = []
                 for i in range(n):
                     a = AMOUNTS[i % 10]
                     ts = stamp(usage_start + (i * span) // n)
                     job = f"job-{h}-{i}" if i % 10 == 0 else ""
-                    buf.append(f"{head}-{a}\t{a}\t{ts}\t{ts}\t{actor}{users_[(i // 50) % 4]}\t"
-                               f"{SERVICES[(i // 20) % 5]}\t{job}\t\t{base + i}\n")
-                    if len(buf) >= 20_000:
-                        copy.write("".join(buf))
-                        written += len(buf)
-                        buf = []
-                if buf:
-                    copy.write("".join(buf))
-                    written += len(buf)
-                if written >= next_report:
-                    rate = written / (time.monotonic() - t0)
-                    log(f"ledger COPY {written:,}/{plan.ledger_rows:,} rows ({rate:,.0f} rows/s, "
-                        f"~{(plan.ledger_rows - written) / rate:.0f}s left)")
-                    next_report += 500_000
-    log(f"ledger COPY done: {written:,} rows in {time.monotonic() - t0:.1f}s")
+                    out.add(f"{head}-{a}\t{a}\t{ts}\t{ts}\t{actor}{users_[(i // 50) % 4]}\t"
+                            f"{SERVICES[(i // 20) % 5]}\t{job}\t\t{base + i}\n")
+            out.done()
 
     def step(label: str, sql: str) -> int:
         t = time.monotonic()
