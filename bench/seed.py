@@ -22,7 +22,6 @@ check on it as a scan of a tiny table and keeps that plan while the table grows 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -98,6 +97,11 @@ def is_low(team_index: int, product_index: int) -> bool:
 def grant_quantity(consumed: int, low: bool) -> int:
     headroom = consumed // 6 + 1 if low else max(consumed, 200_000)
     return consumed + headroom
+
+
+def consume_fields(h: int, i: int, slug: str) -> tuple[str, str, str]:
+    """(user, service, job_id) of consume row ``i`` of holding ``h`` (its ledger row and its event)."""
+    return f"user{(i // 50) % 4}@{slug}.example", SERVICES[(i // 20) % 5], f"job-{h}-{i}" if i % 10 == 0 else ""
 
 
 def team_slug(t: int) -> str:
@@ -185,6 +189,7 @@ def seed(plan: Plan) -> dict:
     from products.models import SOURCE_PRIORITY, Grant, Lot, Product, Refresh, Source, TeamProduct
     from teams.models import ApiKey, Membership, Role, Team
     from usage.ledger import NEVER_DUE
+    from usage.services import _payload, fingerprint
 
     started = time.monotonic()
     now = datetime.now(UTC).replace(second=0, microsecond=0)
@@ -274,11 +279,9 @@ def seed(plan: Plan) -> dict:
                 slug, code, quantity = team_slug(t), product_code(p), quantities[h]
                 for i in range(n):
                     a = AMOUNTS[i % 10]
-                    user, service = f"user{(i // 50) % 4}@{slug}.example", SERVICES[(i // 20) % 5]
-                    payload = {"product": code, "quantity": a, "occurred_at": None, "user": user,
-                               "service": service, "job_id": f"job-{h}-{i}" if i % 10 == 0 else ""}
-                    fp = hashlib.sha256(json.dumps({"operation": "consume", **payload}, sort_keys=True,
-                                                   default=str).encode()).hexdigest()
+                    user, service, job = consume_fields(h, i, slug)
+                    payload = _payload(code, a, None, user=user, service=service, job_id=job)  # as the API's
+                    fp = fingerprint({"operation": "consume", **payload})
                     eid = event_base[h] + i
                     response = {"id": eid, "product": code, "available": quantity - amount_sum(i + 1),
                                 "total": quantity, "kind": "consume", "quantity": a, "charged": a}
@@ -296,14 +299,12 @@ def seed(plan: Plan) -> dict:
                 head = f"{lot.team_id}\t{lot.product_id}\t{lot.pk}\t{lot.grant_id}\tconsume\t"
                 actor = f"api_key:{keys[t].prefix}\t{keys[t].pk}\t"
                 slug = team_slug(t)
-                users_ = [f"user{j}@{slug}.example" for j in range(4)]
                 base = event_base[h]
                 for i in range(n):
                     a = AMOUNTS[i % 10]
                     ts = stamp(usage_start + (i * span) // n)
-                    job = f"job-{h}-{i}" if i % 10 == 0 else ""
-                    out.add(f"{head}-{a}\t{a}\t{ts}\t{ts}\t{actor}{users_[(i // 50) % 4]}\t"
-                            f"{SERVICES[(i // 20) % 5]}\t{job}\t\t{base + i}\n")
+                    user, service, job = consume_fields(h, i, slug)
+                    out.add(f"{head}-{a}\t{a}\t{ts}\t{ts}\t{actor}{user}\t{service}\t{job}\t\t{base + i}\n")
             out.done()
 
     def step(label: str, sql: str) -> int:

@@ -252,6 +252,12 @@ def test_seed_keeps_the_domain_invariants(require_postgres, capsys):
         outcome = usage_consume(team=tp.team, product=tp.product, quantity=1, idempotency_key="seeded-1",
                                 actor=Actor.system("test"))
     assert outcome.status_code == 201
+    # A seeded event is what the API would have stored: retrying its request replays it.
+    user, service, job = seed.consume_fields(0, 3, "bench-big")
+    retry = usage_consume(team=tp.team, product=tp.product, quantity=seed.AMOUNTS[3], idempotency_key="seed-0-3",
+                          actor=Actor.system("test"), user=user, service=service, job_id=job)
+    assert retry.replayed and retry.status_code == 201
+    assert retry.body == Event.objects.get(team=tp.team, key="seed-0-3").response
     assert [q["sql"] for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]][0].startswith(
         "SELECT * FROM usage_consume_fast")
     assert len([q for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]]) == 1
