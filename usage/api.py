@@ -100,7 +100,9 @@ ProductCode = Text(64, 1)
 IdempotencyKey = Text(255, 1)
 
 
-class Strict(Schema):
+class Strict(pydantic.BaseModel):
+    # A plain pydantic model, not ninja's Schema: Schema's root validator (for reading
+    # ORM objects) validates an extra="forbid" model twice, on every request body.
     model_config = ConfigDict(extra="forbid")
 
 
