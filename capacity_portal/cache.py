@@ -10,7 +10,10 @@ Everything else is Django's backend unchanged.
 
 from __future__ import annotations
 
+import hashlib
+
 from django.core.cache.backends import redis as django_redis
+from redis.exceptions import NoScriptError
 
 # INCR creates a missing key at 1; only then does it get its time to live. Atomic: a Lua
 # script runs alone, so no other client sees the key without its expiry.
@@ -19,6 +22,7 @@ local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return n
 """
+_COUNT_SHA = hashlib.sha1(_COUNT.encode()).hexdigest()
 
 
 class RedisCacheClient(django_redis.RedisCacheClient):
@@ -33,12 +37,14 @@ class RedisCacheClient(django_redis.RedisCacheClient):
             if index not in self._pools:
                 self._pools[index] = self._pool_class.from_url(self._servers[index], **self._pool_options)
             client = self._clients[index] = self._client(connection_pool=self._pools[index])
-            client.count_script = client.register_script(_COUNT)
         return client
 
     def count(self, key, timeout):
         client = self.get_client(key, write=True)
-        return int(client.count_script(keys=[key], args=[int(timeout)]))
+        try:  # the script by its digest: the server keeps scripts it has run
+            return int(client.evalsha(_COUNT_SHA, 1, key, int(timeout)))
+        except NoScriptError:  # a new, restarted or flushed server: EVAL runs it and keeps it
+            return int(client.eval(_COUNT, 1, key, int(timeout)))
 
 
 class RedisCache(django_redis.RedisCache):

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from capacity_portal import cache as capacity_cache
 from capacity_portal.cache import RedisCache
 
 pytestmark = pytest.mark.redis
@@ -40,6 +41,17 @@ def test_count_refuses_a_counter_that_would_never_expire_or_vanish_at_once(rcach
     with pytest.raises(ValueError):
         rcache.count("window", timeout)
     assert rcache.get("window") is None
+
+
+def test_count_survives_a_server_that_forgot_its_scripts(rcache):
+    # A restarted or flushed Redis no longer knows the script's digest: the count still
+    # happens once, and the script is known again afterwards.
+    client = rcache._cache.get_client(write=True)
+    assert rcache.count("window", 60) == 1
+    client.script_flush()
+    assert rcache.count("window", 60) == 2
+    assert client.script_exists(capacity_cache._COUNT_SHA) == [True]
+    assert rcache.count("window", 60) == 3
 
 
 def test_count_is_exact_under_concurrency(rcache):

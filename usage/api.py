@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 from django.conf import settings
-from django.core.cache import cache
+from django.core.cache import DEFAULT_CACHE_ALIAS, caches
 from django.core.exceptions import RequestDataTooBig
 from django.db import OperationalError, connection
 from django.db.models import Q
@@ -322,14 +322,16 @@ def _check_rate(api_key: ApiKey) -> None:
 
 
 def _count(name: str) -> int:
-    if hasattr(cache, "count"):  # capacity_portal.cache.RedisCache: one atomic round trip
-        return cache.count(name, RATE_WINDOW_TTL)
+    backend = caches[DEFAULT_CACHE_ALIAS]  # (the proxy ``cache`` looks it up on every attribute)
+    count = getattr(backend, "count", None)
+    if count is not None:  # capacity_portal.cache.RedisCache: one atomic round trip
+        return count(name, RATE_WINDOW_TTL)
     try:
-        return cache.incr(name)
+        return backend.incr(name)
     except ValueError:  # the window's first request
-        if cache.add(name, 1, timeout=RATE_WINDOW_TTL):
+        if backend.add(name, 1, timeout=RATE_WINDOW_TTL):
             return 1
-        return cache.incr(name)  # another request created it meanwhile
+        return backend.incr(name)  # another request created it meanwhile
 
 
 # -- the API ---------------------------------------------------------------------------------
