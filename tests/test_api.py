@@ -131,6 +131,36 @@ def test_last_used_at_touches_only_the_key_used(acme):
     assert ApiKey.objects.filter(last_used_at__gt=stale).count() == 1
 
 
+@pytest.mark.parametrize("body", [
+    b"{not json", {"product": "cloud-tokens", "kind": "consume", "quantity": -1, "idempotency_key": "a"},
+    {"product": "cloud-tokens", "kind": "consume", "quantity": 1, "idempotency_key": "a",
+     "occurred_at": "2001-01-01T00:00:00Z"},
+    {"product": "no-such-product", "kind": "consume", "quantity": 1, "idempotency_key": "a"},
+    {"product": "cloud-tokens", "kind": "consume", "quantity": 10**9, "idempotency_key": "a"},
+    {"product": "asset-pool", "kind": "checkout", "quantity": 1, "idempotency_key": "a", "checkout_id": "c"},
+])
+def test_usage_with_a_bad_key_is_401_whatever_the_body(acme, body):
+    """POST /usage looks its key up late (in the consume's own statement); a bad key is
+    still 401 before any other answer, and nothing is written."""
+    ledger = LedgerEntry.objects.count()
+    for raw in ("nope", new_key(acme["other"]) + "x"):
+        response = ApiClient(raw).post("/usage", body)
+        assert_error(response, 401, "unauthorized")
+        assert response["WWW-Authenticate"] == "Bearer"
+    assert LedgerEntry.objects.count() == ledger
+
+
+def test_usage_refusals_still_mark_the_key_used(acme):
+    """An overdraft rolls the consume's statement back, key bookkeeping included; the
+    refusal still counts as a use of the key."""
+    raw = new_key(acme["team"])
+    assert_error(ApiClient(raw).usage(quantity=10**9), 409, "insufficient_balance")
+    assert ApiKey.objects.get(hashed_key=ApiKey.hash(raw)).last_used_at is not None
+    other = new_key(acme["team"])
+    assert_error(ApiClient(other).usage(product="no-such-product"), 404, "not_found")
+    assert ApiKey.objects.get(hashed_key=ApiKey.hash(other)).last_used_at is not None
+
+
 def test_authenticated_key_carries_its_team(acme):
     """The raw-SQL key lookup builds the key and its team (JSON field included)."""
     from usage.api import _active_key
@@ -511,6 +541,29 @@ def test_rate_limit_per_key(acme, settings, own_cache):
     assert_error(api.usage(), 429, "rate_limited")
     assert not LedgerEntry.objects.filter(kind=Kind.CONSUME).exists()
     assert acme["globex_api"].get("/balances").status_code == 200  # another key has its own window
+
+
+def test_rate_limit_counts_every_usage_request_once(acme, settings, own_cache):
+    """Whatever path a POST /usage takes (the one-statement consume, a refusal, another
+    kind, a bad body), it counts once against its key's minute."""
+    settings.API_RATE_LIMIT_PER_MINUTE = 5
+    api = acme["api"]
+    assert api.usage().status_code == 201
+    assert api.usage(quantity=10**9).status_code == 409
+    assert api.usage(product="asset-pool", kind="checkout", checkout_id="c1").status_code == 201
+    assert api.post("/usage", {"kind": "consume"}).status_code == 422
+    assert api.get("/balances").status_code == 200
+    assert_error(api.usage(), 429, "rate_limited")
+    assert_error(api.post("/usage", {"kind": "consume"}), 429, "rate_limited")
+
+
+def test_rate_limit_answers_401_to_a_bad_key_first(acme, settings, own_cache):
+    """A bad key is 401 even past the limit of its (hashed) token: the limit never tells
+    whether a key exists."""
+    settings.API_RATE_LIMIT_PER_MINUTE = 1
+    for _ in range(3):
+        assert_error(ApiClient("nope").usage(), 401, "unauthorized")
+        assert_error(ApiClient("nope").get("/balances"), 401, "unauthorized")
 
 
 def test_rate_limit_zero_means_unlimited(acme, settings, own_cache):

@@ -25,7 +25,7 @@ from teams.models import Role, Team
 from usage.actors import Actor
 from usage.errors import UsageError
 from usage.models import DailyBreakdown, DailyRollup, Event, LedgerEntry
-from usage.services import fingerprint, usage_consume, usage_consume_by_code
+from usage.services import fingerprint, usage_consume, usage_consume_with_key
 
 from .factories import MembershipFactory, UserFactory
 
@@ -178,8 +178,9 @@ def _api_consume(client, team, *, key: str):
     return response, queries
 
 
-def test_api_consume_is_two_statements(world, client):
-    """The key (with last_used_at) and the write: no product lookup, no transaction statements."""
+def test_api_consume_is_one_statement(world, client):
+    """The key (with last_used_at), the product and the write: no other query, no
+    transaction statements."""
     from django.utils import timezone
 
     now = timezone.now()
@@ -189,8 +190,8 @@ def test_api_consume_is_two_statements(world, client):
     response, queries = _api_consume(client, world["team"], key="api-1")
     assert response.status_code == 201, response.content
     sql = [q["sql"] for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]]
-    assert len(sql) == 2, sql
-    assert "teams_apikey" in sql[0] and "usage_consume_fast" in sql[1]
+    assert len(sql) == 1, sql
+    assert "usage_consume_api" in sql[0]
 
 
 def test_expired_lot_hands_over_to_the_python_path(tokens):
@@ -231,21 +232,83 @@ def test_refusal_writes_nothing_and_keeps_the_callers_transaction(tokens):
     assert after == before
 
 
-def test_by_code_answers_for_products_the_team_does_not_hold(tokens):
+def _with_key(raw: str, code: str, key: str, **kw):
+    from teams.models import ApiKey
+
+    return usage_consume_with_key(key_hash=ApiKey.hash(raw), key_stale=T0 - timedelta(minutes=1), product_code=code,
+                                  quantity=kw.pop("quantity", 1), idempotency_key=key, now=kw.pop("now", T0), **kw)
+
+
+def test_with_key_answers_for_products_the_team_does_not_hold(tokens):
+    from teams.services import api_key_create
     from usage.errors import InvalidRequest, NotFound
 
     team = tokens["team"]
+    raw = api_key_create(team=team, name="t")[1]
     with pytest.raises(NotFound):
-        usage_consume_by_code(team=team, product_code="no-such-product", quantity=1, idempotency_key="x",
-                              actor=ACTOR, now=T0)
+        _with_key(raw, "no-such-product", "x")
     grant_create(team=team, product=tokens["pool"], quantity=5, source=Source.PURCHASE, refresh=Refresh.NEVER,
                  starts_at=T0 - timedelta(days=1), ends_at=T0 + timedelta(days=3), now=T0)
     with pytest.raises(InvalidRequest, match="returnable"):
-        usage_consume_by_code(team=team, product_code="asset-pool", quantity=1, idempotency_key="y",
-                              actor=ACTOR, now=T0)
+        _with_key(raw, "asset-pool", "y")
     assert not Event.objects.filter(key__in=["x", "y"]).exists()
 
 
+def test_with_key_refuses_unknown_and_revoked_keys_writing_nothing(tokens):
+    from django.utils import timezone
+
+    from teams.models import ApiKey
+    from teams.services import api_key_create
+    from usage import fastpath
+
+    raw = api_key_create(team=tokens["team"], name="t")[1]
+    before = (LedgerEntry.objects.count(), Event.objects.count())
+    with pytest.raises(fastpath.KeyRejected):
+        _with_key(raw + "x", "cloud-tokens", "k1", now=T0 + timedelta(minutes=1))
+    ApiKey.objects.filter(hashed_key=ApiKey.hash(raw)).update(revoked_at=timezone.now())
+    with pytest.raises(fastpath.KeyRejected):
+        _with_key(raw, "cloud-tokens", "k2", now=T0 + timedelta(minutes=1))
+    assert (LedgerEntry.objects.count(), Event.objects.count()) == before
+    assert ApiKey.objects.get(hashed_key=ApiKey.hash(raw)).last_used_at is None
+
+
+@pytest.mark.parametrize("tz", ["UTC", "Pacific/Auckland", "America/Los_Angeles", "Asia/Kathmandu"])
+def test_with_key_writes_what_the_key_as_actor_writes(world, tz):
+    """The key's statement finds the team, the actor and the team's local day itself: the
+    same rows as ``usage_consume`` called with that team and ``Actor.for_api_key``,
+    around local midnight."""
+    from teams.models import ApiKey
+    from teams.services import api_key_create
+
+    products = {"cloud-tokens": world["tokens"]}
+    grants = [("cloud-tokens", 1000, Source.PURCHASE, False, -48, 60)]
+    teams = [_world(f"k{i}", tz, grants, products) for i in (1, 2)]
+    raws = [api_key_create(team=t, name="k")[1] for t in teams]
+    for team in teams:  # fill each balance's "nothing due until" cache
+        usage_consume(team=team, product=world["tokens"], quantity=1, idempotency_key="warm", actor=ACTOR, now=T0)
+    api_key = ApiKey.objects.select_related("team").get(hashed_key=ApiKey.hash(raws[1]))
+    at_utc_midnight = T0.replace(hour=0)
+    moments = [at_utc_midnight + timedelta(hours=h, minutes=m) for h in range(0, 24, 3) for m in (0, 59)]
+    for n, at in enumerate(moments):
+        common = dict(quantity=1 + n % 3, service="svc", job_id=f"j{n}", occurred_at=at, now=T0 + timedelta(hours=3))
+        who = "ann+{}@example.com" if n % 2 else ""
+        expected = _answer(lambda n=n, who=who, common=common: usage_consume(
+            team=teams[1], product=world["tokens"], idempotency_key=f"e{n}", actor=Actor.for_api_key(api_key),
+            user=who.format("k2"), **common))
+        got = _answer(lambda n=n, who=who, common=common: _with_key(raws[0], "cloud-tokens", f"e{n}",
+                                                                    user=who.format("k1"), **common))
+        assert _unsuffix(got, "k1") == _unsuffix(expected, "k2")
+    states = [_state(t) for t in teams]
+    for state, suffix in zip(states, ("k1", "k2"), strict=True):
+        for part in ("ledger", "breakdowns", "events"):
+            state[part] = [_unsuffix(row, suffix) for row in state[part]]
+    prefixes = [ApiKey.objects.get(hashed_key=ApiKey.hash(r)).prefix for r in raws]
+    assert repr(states[0]).count(prefixes[0]) == repr(states[1]).count(prefixes[1]) == len(moments)
+    assert repr(states[0]).replace(prefixes[0], "P") == repr(states[1]).replace(prefixes[1], "P")
+    assert len({r[1] for r in states[0]["rollups"]}) >= 2  # the moments span local days
+    key_ids = set(LedgerEntry.objects.filter(team=teams[0], kind="consume").exclude(actor=ACTOR.label)
+                  .values_list("actor_api_key_id", flat=True))
+    assert key_ids == {ApiKey.objects.get(hashed_key=ApiKey.hash(raws[0])).pk}
 
 
 def test_refusal_is_a_data_error_not_a_broken_connection(tokens):
@@ -280,4 +343,7 @@ def test_api_hands_over_once(world, client):
     response, queries = _api_consume(client, world["team"], key="handover")
     assert response.status_code == 201, response.content
     assert response.json()["available"] == 28
-    assert sum("usage_consume_fast" in q["sql"] for q in queries.captured_queries) == 1
+    sql = [q["sql"] for q in queries.captured_queries]
+    assert sum("usage_consume_api" in q for q in sql) == 1
+    assert not any("usage_consume_fast" in q for q in sql)
+    assert any("teams_apikey" in q and "last_used_at" in q for q in sql)  # the key, looked up for the Python path

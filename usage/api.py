@@ -39,6 +39,7 @@ from products.models import Product, TeamProduct
 from products.selectors import team_balances
 from teams.models import ApiKey, Team
 
+from . import fastpath
 from .actors import Actor
 from .batch import UsageRequest, usage_record, usage_record_many
 from .errors import (
@@ -50,7 +51,7 @@ from .errors import (
     unknown_product,
 )
 from .history import GRANULARITIES, resolve_range, team_today, usage_series
-from .services import Outcome, job_refund, usage_consume_by_code
+from .services import Outcome, job_refund, usage_consume_with_key
 
 logger = logging.getLogger(__name__)
 
@@ -243,16 +244,55 @@ ERRORS = {401: ErrorOut, 404: ErrorOut, 409: ErrorOut, 413: ErrorOut, 422: Error
 
 
 class ApiKeyAuth(HttpBearer):
-    """``Authorization: Bearer <key>``: the key's team, or 401. Then the per-key rate limit."""
+    """``Authorization: Bearer <key>``: the key's team, or 401. Then the per-key rate limit.
 
-    def authenticate(self, request: HttpRequest, token: str) -> ApiKey | None:
+    ``defer_lookup=True`` (``POST /usage``): ``request.auth`` is a :class:`BearerKey` and
+    the key is looked up later, by the consume's own statement or on first need. The
+    answers stay those of an eager lookup: a bad key is 401 before any other error
+    (:meth:`UsageApi.on_exception`), and 401 before 429.
+    """
+
+    def __init__(self, *, defer_lookup: bool = False):
+        super().__init__()
+        self.defer_lookup = defer_lookup
+
+    def authenticate(self, request: HttpRequest, token: str) -> ApiKey | BearerKey | None:
         if not token or len(token) > 200:
             return None
+        if self.defer_lookup:
+            bearer = BearerKey(token)
+            try:
+                _check_rate(bearer.hashed)
+            except RateLimited:
+                if bearer.api_key() is None:
+                    return None
+                raise
+            return bearer
         api_key = _active_key(token, timezone.now())
         if api_key is None:
             return None
-        _check_rate(api_key)
+        _check_rate(api_key.hashed_key)
         return api_key
+
+
+class BearerKey:
+    """A bearer token whose key has not been looked up yet (see ``ApiKeyAuth``)."""
+
+    __slots__ = ("token", "hashed", "_api_key", "_looked_up")
+
+    def __init__(self, token: str):
+        self.token = token
+        self.hashed = ApiKey.hash(token)
+        self._api_key: ApiKey | None = None
+        self._looked_up = False
+
+    def api_key(self) -> ApiKey | None:
+        """The unrevoked key (with its team), or None; looked up once (writing
+        ``last_used_at`` as every authenticated request does)."""
+        if not self._looked_up:
+            self._api_key = _active_key(self.token, timezone.now())
+            self._looked_up = True
+        return self._api_key
 
 
 def _active_key(token: str, now: datetime) -> ApiKey | None:
@@ -300,14 +340,15 @@ _ACTIVE_KEY_SQL = (
 )
 
 
-def _check_rate(api_key: ApiKey) -> None:
-    """Fixed one-minute window per key, counted in the cache (shared when it is Redis)."""
+def _check_rate(key_hash: str) -> None:
+    """Fixed one-minute window per key (by the SHA-256 of its secret: known before the
+    key is looked up), counted in the cache (shared when it is Redis)."""
     limit = settings.API_RATE_LIMIT_PER_MINUTE
     if not limit:
         return
     now = time.time()
     window = int(now // 60)
-    name = f"api-rate:{api_key.pk}:{window}"
+    name = f"api-rate:{key_hash}:{window}"
     try:
         count = _count(name)
     except Exception:  # noqa: BLE001 (the cache is down: serve without a limit rather than fail)
@@ -339,6 +380,17 @@ def _count(name: str) -> int:
 
 class UsageApi(NinjaAPI):
     """NinjaAPI whose 405 and 404 (unknown path, the bare root) are JSON errors too."""
+
+    def on_exception(self, request: HttpRequest, exc: Exception) -> HttpResponse:
+        # A key not looked up yet (POST /usage): a bad key is 401 before any other error.
+        bearer = getattr(request, "auth", None)
+        if isinstance(bearer, BearerKey) and not isinstance(exc, AuthenticationError):
+            try:
+                if bearer.api_key() is None:
+                    exc = AuthenticationError()
+            except OperationalError as lookup_failed:
+                exc = lookup_failed
+        return super().on_exception(request, exc)
 
     @property
     def urls(self):
@@ -542,29 +594,40 @@ def _record(*, team: Team, actor: Actor, data: UsageIn, product: Product, now: d
 # -- endpoints -------------------------------------------------------------------------------
 
 
-@api.post("/usage", response={201: UsageOut, **ERRORS}, summary="Report usage (consume, checkout, return, metered)")
+@api.post("/usage", response={201: UsageOut, **ERRORS}, auth=ApiKeyAuth(defer_lookup=True),
+          summary="Report usage (consume, checkout, return, metered)")
 def post_usage(request: HttpRequest, data: UsageIn):
     """Record one usage event. A retry with the same `idempotency_key` and body returns the
     original status and body with the header `Idempotent-Replayed: true`; the same key with a
     different body is `409 idempotency_conflict`."""
-    api_key: ApiKey = request.auth
-    team = api_key.team
-    actor = Actor.for_api_key(api_key)
+    bearer: BearerKey = request.auth
     if data.kind == "consume":
-        # PostgreSQL: product lookup and the whole write in one round trip; None: not applicable.
+        # PostgreSQL: the key, the product and the whole write in one round trip; None: not applicable.
         _check_event(data, timezone.now())
-        outcome = _with_retry(lambda: usage_consume_by_code(
-            team=team, product_code=data.product, quantity=data.quantity, idempotency_key=data.idempotency_key,
-            actor=actor, user=data.user, service=data.service, job_id=data.job_id, occurred_at=data.occurred_at,
-            now=timezone.now(),
-        ))
+        try:
+            outcome = _with_retry(lambda: _consume_with_key(bearer, data))
+        except fastpath.KeyRejected:
+            raise AuthenticationError from None
         if outcome is not None:
             return _json(request, outcome)
+    api_key = bearer.api_key()
+    if api_key is None:
+        raise AuthenticationError
+    team = api_key.team
     product = _held_product(team, data.product)
     # (A consume that gets here was just handed over: no second try of the fast path.)
-    outcome = _with_retry(lambda: _record(team=team, actor=actor, data=data, product=product, now=timezone.now(),
-                                          fast=data.kind != "consume"))
+    outcome = _with_retry(lambda: _record(team=team, actor=Actor.for_api_key(api_key), data=data, product=product,
+                                          now=timezone.now(), fast=data.kind != "consume"))
     return _json(request, outcome)
+
+
+def _consume_with_key(bearer: BearerKey, data: UsageIn) -> Outcome | None:
+    now = timezone.now()
+    return usage_consume_with_key(
+        key_hash=bearer.hashed, key_stale=now - LAST_USED_EVERY, product_code=data.product, quantity=data.quantity,
+        idempotency_key=data.idempotency_key, user=data.user, service=data.service, job_id=data.job_id,
+        occurred_at=data.occurred_at, now=now,
+    )
 
 
 @api.post("/usage/batch", response={200: BatchOut, **ERRORS}, summary="Report up to 1,000 usage events")

@@ -29,12 +29,21 @@ FALLBACK = "22X01"  # something is due on the balance: run the Python path
 INSUFFICIENT = "22X02"  # the message is the available amount
 # Deployed before its migration ran: no function yet, the Python path still works.
 UNDEFINED_FUNCTION = "42883"
+# A team time zone this server's time zone data does not know (zoneinfo validated it):
+# the Python path computes the day itself.
+UNKNOWN_TIME_ZONE = "22023"
 
 SQL = "SELECT * FROM usage_consume_fast(" + ", ".join(["%s"] * 17) + ")"
+# The API's consume with its bearer key's lookup (migration usage.0007).
+KEY_SQL = "SELECT * FROM usage_consume_api(" + ", ".join(["%s"] * 14) + ")"
 
 
 class Fallback(Exception):  # noqa: N818 - a signal, not an error
     """The fast path does not apply: run the Python path."""
+
+
+class KeyRejected(Exception):  # noqa: N818 - a signal, not an error
+    """No unrevoked API key has this hash (nothing was written)."""
 
 
 def enabled() -> bool:
@@ -53,18 +62,40 @@ def consume(*, team: Team, product_code: str, unit: str | None, quantity: int, k
         getattr(actor.api_key, "pk", None), getattr(actor.user, "pk", None), actor.label,
         user, user.lower(), service, job_id, occurred_at, local_date(occurred_at, team.tzinfo), now, wall,
     ]
+    row = _execute(SQL, params, product_code=product_code, unit=unit, quantity=quantity)
+    return _answer(row, product_code=product_code, quantity=quantity, not_held_is_not_found=not_held_is_not_found)
+
+
+def consume_with_key(*, key_hash: str, stale: datetime, product_code: str, quantity: int, key: str,
+                     fingerprint: str, payload: dict, user: str, service: str, job_id: str,
+                     occurred_at: datetime, now: datetime, wall: datetime) -> tuple[int, dict, bool, int]:
+    """:func:`consume` for the API key whose SHA-256 is ``key_hash``, found in the same
+    statement (with its team, and its ``last_used_at`` written when older than ``stale``):
+    the key is the actor, the day is the team's local day of ``occurred_at``.
+
+    Raises :class:`KeyRejected` when no unrevoked key has the hash, besides what
+    :func:`consume` raises. A product the team does not hold is ``not_found``.
+    """
+    params = [key_hash, stale, product_code, quantity, key, fingerprint, json.dumps(payload),
+              user, user.lower(), service, job_id, occurred_at, now, wall]
+    row = _execute(KEY_SQL, params, product_code=product_code, unit=None, quantity=quantity)
+    if row[0] == "unauthorized":
+        raise KeyRejected
+    return _answer(row, product_code=product_code, quantity=quantity, not_held_is_not_found=True)
+
+
+def _execute(sql: str, params: list, *, product_code: str, unit: str | None, quantity: int) -> tuple:
     try:
         if connection.in_atomic_block or not connection.get_autocommit():
             with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(SQL, params)
-                row = cursor.fetchone()
-        else:
-            with connection.cursor() as cursor:
-                cursor.execute(SQL, params)
-                row = cursor.fetchone()
+                cursor.execute(sql, params)
+                return cursor.fetchone()
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchone()
     except DatabaseError as exc:
         sqlstate = getattr(exc.__cause__, "sqlstate", None)
-        if sqlstate in (FALLBACK, UNDEFINED_FUNCTION):
+        if sqlstate in (FALLBACK, UNDEFINED_FUNCTION, UNKNOWN_TIME_ZONE):
             raise Fallback(str(exc.__cause__)) from None
         if sqlstate == INSUFFICIENT:
             available = int(str(exc.__cause__.diag.message_primary))
@@ -74,6 +105,10 @@ def consume(*, team: Team, product_code: str, unit: str | None, quantity: int, k
                 unit = Product.objects.values_list("unit", flat=True).get(code=product_code)
             raise insufficient_balance(unit, product_code, quantity, available) from None
         raise
+
+
+def _answer(row: tuple, *, product_code: str, quantity: int, not_held_is_not_found: bool
+            ) -> tuple[int, dict, bool, int]:
     outcome, event_id, available, total, status, response = row
     if outcome == "ok":
         body = {"id": event_id, "product": product_code, "available": int(available), "total": int(total),

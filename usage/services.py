@@ -178,26 +178,33 @@ def usage_consume(*, team: Team, product: Product, quantity: int, idempotency_ke
     return _idempotent(team, idempotency_key, "consume", payload, actor, write)
 
 
-def usage_consume_by_code(*, team: Team, product_code: str, quantity: int, idempotency_key: str, actor: Actor,
-                          user: str = "", service: str = "", job_id: str = "", occurred_at: datetime | None = None,
-                          now: datetime | None = None) -> Outcome | None:
-    """The API's consume: the product is found by code in the same single round trip.
+def usage_consume_with_key(*, key_hash: str, key_stale: datetime, product_code: str, quantity: int,
+                           idempotency_key: str, user: str = "", service: str = "", job_id: str = "",
+                           occurred_at: datetime | None = None, now: datetime | None = None) -> Outcome | None:
+    """The API's consume: its key (by hash) and the product (by code) are found in the
+    same single round trip, the key is the actor.
 
-    A product the team does not hold is ``NotFound``. None when the one-round-trip path
-    does not apply (not PostgreSQL, or something is due on the balance): the caller then
-    looks the product up and calls :func:`usage_consume`.
+    A product the key's team does not hold is ``NotFound``; a key that is unknown or
+    revoked raises ``fastpath.KeyRejected`` (nothing written). None when the
+    one-round-trip path does not apply (not PostgreSQL, or something is due on the
+    balance): the caller then looks the key and the product up and calls
+    :func:`usage_consume`.
     """
     if not fastpath.enabled():
         return None
     now = now or timezone.now()
     at = _clean_common(quantity, occurred_at, now)
+    _check_key(idempotency_key)
     payload = _payload(product_code, quantity, occurred_at, user=user, service=service, job_id=job_id)
     try:
-        return _consume_fast(team=team, product_code=product_code, unit=None, quantity=quantity,
-                             key=idempotency_key, payload=payload, actor=actor, user=user, service=service,
-                             job_id=job_id, at=at, now=now, not_held_is_not_found=True)
+        status, body, replayed, event_id = fastpath.consume_with_key(
+            key_hash=key_hash, stale=key_stale, product_code=product_code, quantity=quantity, key=idempotency_key,
+            fingerprint=fingerprint({"operation": "consume", **payload}), payload=payload, user=user,
+            service=service, job_id=job_id, occurred_at=at, now=now, wall=timezone.now(),
+        )
     except fastpath.Fallback:
         return None
+    return Outcome(status, body, replayed=replayed, event_id=event_id)
 
 
 def _consume_fast(*, team: Team, product_code: str, unit: str | None, quantity: int, key: str, payload: dict,
