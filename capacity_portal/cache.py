@@ -6,14 +6,24 @@ trips (``EXISTS``, then ``INCRBY``). The API's per-key rate limit does that on e
 request. Here a client is built once per connection pool (``redis.Redis`` is safe to share:
 each command takes a connection from the pool), and ``count`` is one atomic round trip.
 Everything else is Django's backend unchanged.
+
+``count`` runs on every API request, so it talks to its own connection (one per thread and
+process, made from the pool's settings) directly: redis-py's command path (taking and
+returning a pooled connection, a readiness poll, its retry wrapper and argument checks)
+cost about three times the round trip itself. A broken connection is reconnected and the
+command sent once more, as redis-py's default retry does.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 
 from django.core.cache.backends import redis as django_redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # INCR creates a missing key at 1; only then does it get its time to live. Atomic: a Lua
 # script runs alone, so no other client sees the key without its expiry.
@@ -29,6 +39,7 @@ class RedisCacheClient(django_redis.RedisCacheClient):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._clients = {}
+        self._counter = threading.local()
 
     def get_client(self, key=None, *, write=False):
         index = self._get_connection_pool_index(write)
@@ -40,11 +51,32 @@ class RedisCacheClient(django_redis.RedisCacheClient):
         return client
 
     def count(self, key, timeout):
-        client = self.get_client(key, write=True)
+        connection = self._counter_connection()
+        try:
+            return self._count_on(connection, key, timeout)
+        except (RedisConnectionError, RedisTimeoutError):
+            connection.disconnect()  # (a server restart, an idle connection dropped): once more
+            return self._count_on(connection, key, timeout)
+
+    @staticmethod
+    def _count_on(connection, key, timeout) -> int:
         try:  # the script by its digest: the server keeps scripts it has run
-            return int(client.evalsha(_COUNT_SHA, 1, key, int(timeout)))
+            connection.send_command("EVALSHA", _COUNT_SHA, 1, key, int(timeout))
+            return int(connection.read_response())
         except NoScriptError:  # a new, restarted or flushed server: EVAL runs it and keeps it
-            return int(client.eval(_COUNT, 1, key, int(timeout)))
+            connection.send_command("EVAL", _COUNT, 1, key, int(timeout))
+            return int(connection.read_response())
+
+    def _counter_connection(self):
+        """This thread's counter connection (a new one in a forked child); it connects on
+        first use."""
+        local = self._counter
+        if getattr(local, "pid", None) != os.getpid():
+            self.get_client(write=True)  # makes the pool
+            pool = self._pools[self._get_connection_pool_index(True)]
+            local.connection = pool.connection_class(**pool.connection_kwargs)
+            local.pid = os.getpid()
+        return local.connection
 
 
 class RedisCache(django_redis.RedisCache):

@@ -83,3 +83,27 @@ def test_one_client_per_pool_and_django_semantics_unchanged(rcache):
     rcache.delete("a")
     assert rcache.get("a") is None
 
+
+
+def test_count_reconnects_when_the_server_dropped_its_connection(rcache):
+    """The counter keeps its own connection; a server restart or an idle timeout closes
+    it under us: the next count reconnects and counts exactly once."""
+    assert rcache.count("window", 60) == 1
+    connection = rcache._cache._counter.connection
+    host, port = connection._sock.getsockname()[:2]
+    admin = rcache._cache.get_client(write=True)
+    assert admin.client_kill_filter(addr=f"{host}:{port}") == 1
+    assert rcache.count("window", 60) == 2
+    assert rcache.get("window") == 2
+
+
+def test_count_uses_one_connection_per_thread(rcache):
+    rcache.count("window", 60)
+    mine = rcache._cache._counter.connection
+    theirs = []
+    thread = threading.Thread(target=lambda: (rcache.count("window", 60), theirs.append(rcache._cache._counter.connection)))
+    thread.start()
+    thread.join()
+    assert theirs and theirs[0] is not mine
+    rcache.count("window", 60)
+    assert rcache._cache._counter.connection is mine and rcache.get("window") == 3
