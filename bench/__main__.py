@@ -120,17 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         with server:
             ctx = measure.Context(base_url=server.base_url, meta=meta, run_id=run_id, workdir=Path(tmp),
                                   scale=args.scale, duration_s=args.duration, connections=args.connections)
-            page_names = [n for n in args.measurements if n in measure.PAGE_MEASUREMENTS]
+            joint = {group: [n for n in args.measurements if n in members]
+                     for group, (members, _) in measure.JOINT.items()}
             for name in args.measurements:
                 keys = goals_mod.MEASUREMENTS[name]
-                if name in measure.PAGE_MEASUREMENTS:
-                    if name != page_names[0]:
-                        continue  # the pages are timed together, interleaved
-                    keys = [k for n in page_names for k in goals_mod.MEASUREMENTS[n]]
+                group = next((g for g, (members, _) in measure.JOINT.items() if name in members), None)
+                if group is not None:
+                    if name != joint[group][0]:
+                        continue  # measured with the first of its group
+                    keys = [k for n in joint[group] for k in goals_mod.MEASUREMENTS[n]]
                 try:
-                    if name in measure.PAGE_MEASUREMENTS:
-                        out, page_skips = measure.pages(ctx, page_names)
-                        for skipped_name, reason in page_skips.items():
+                    if group is not None:
+                        out, joint_skips = measure.JOINT[group][1](ctx, joint[group])
+                        for skipped_name, reason in joint_skips.items():
                             print(f"[bench] {skipped_name}: skipped: {reason}", flush=True)
                             for k in goals_mod.MEASUREMENTS[skipped_name]:
                                 skipped[k] = reason

@@ -1,7 +1,7 @@
 """The measurements. Each returns its result keys or raises :class:`Skip` with the reason.
 
 Rates (``*_rps``) use wrk with the same settings for the floor and the measured endpoint
-(16 connections, 2 threads, the same duration). Page latencies (``*_p50_ms``) are medians
+(16 connections, 2 threads, the same total time), the two loads alternating in rounds. Page latencies (``*_p50_ms``) are medians
 of sequential GETs with the pages interleaved round-robin (same machine load for the
 floor and the measured pages), logged in with a real session cookie. Query counts are taken in-process with Django's test client and
 ``CaptureQueriesContext`` against the same database (every query the request runs,
@@ -67,26 +67,11 @@ def _script(ctx: Context, name: str, **kwargs) -> str:
     return str(path)
 
 
-def _check(ctx: Context, label: str, r: wrk.WrkResult) -> None:
-    ctx.details[label] = {
-        "requests": r.requests, "ok": r.ok, "unexpected": r.bad, "socket_errors": r.socket_errors,
-        "seconds": round(r.duration_s, 2), "p50_ms": r.p50_ms, "p90_ms": r.p90_ms, "p99_ms": r.p99_ms,
-    }
+def _check(label: str, r: wrk.WrkResult) -> dict:
     if r.bad or r.ok == 0:
         raise RuntimeError(f"{label}: {r.bad} unexpected responses of {r.requests} (first: {r.sample})")
-
-
-def _rate(ctx: Context, label: str, path: str, *, method: str = "GET", expect: int = 200, targets=None,
-          body_format=None) -> float:
-    kwargs = dict(method=method, path=path, expect=expect, threads=2, targets=targets, body_format=body_format,
-                  headers={"Content-Type": "application/json"} if body_format else {})
-    warm = _script(ctx, f"{label}-warm", max_requests=200, run=f"{ctx.run_id}w", **kwargs)
-    wrk.run_wrk(ctx.base_url + path, warm, connections=ctx.connections, threads=2, duration_s=3)
-    script = _script(ctx, label, max_requests=2_000_000, run=ctx.run_id, **kwargs)
-    r = wrk.run_wrk(ctx.base_url + path, script, connections=ctx.connections, threads=2, duration_s=ctx.duration_s)
-    _check(ctx, label, r)
-    ctx.log(f"{label}: {r.ok_per_s:,.0f} req/s ({r.ok:,} in {r.duration_s:.1f}s, p50 {r.p50_ms:.1f} ms)")
-    return r.ok_per_s
+    return {"requests": r.requests, "ok": r.ok, "unexpected": r.bad, "socket_errors": r.socket_errors,
+            "seconds": round(r.duration_s, 2), "p50_ms": r.p50_ms, "p90_ms": r.p90_ms, "p99_ms": r.p99_ms}
 
 
 def login_cookie(username: str) -> dict:
@@ -102,18 +87,71 @@ def login_cookie(username: str) -> dict:
 # -- the measurements ---------------------------------------------------------------------
 
 
-def floor_json(ctx: Context) -> dict:
-    if not resolves("/healthz"):
-        raise Skip(NOT_AVAILABLE + " (/healthz)")
-    return {"floor_json_rps": round(_rate(ctx, "floor_json", "/healthz"), 1)}
+RATE_MEASUREMENTS = ("floor_json", "consume")
+RATE_ROUNDS = 5
 
 
-def consume(ctx: Context) -> dict:
-    if not resolves("/api/v1/usage"):
-        raise Skip(NOT_AVAILABLE + " (POST /api/v1/usage)")
-    rps = _rate(ctx, "consume", "/api/v1/usage", method="POST", expect=201, targets=ctx.meta["load_targets"],
-                body_format=CONSUME_BODY)
-    return {"consume_rps": round(rps, 1)}
+def _rate_specs(ctx: Context, names: list[str]) -> tuple[dict, dict]:
+    """label -> (path, wrk script arguments) of the selected throughput loads, and the skipped ones."""
+    specs, skips = {}, {}
+    if "floor_json" in names:
+        if resolves("/healthz"):
+            specs["floor_json"] = ("/healthz", {"method": "GET", "expect": 200})
+        else:
+            skips["floor_json"] = NOT_AVAILABLE + " (/healthz)"
+    if "consume" in names:
+        if resolves("/api/v1/usage"):
+            specs["consume"] = ("/api/v1/usage", {
+                "method": "POST", "expect": 201, "targets": ctx.meta["load_targets"], "body_format": CONSUME_BODY,
+                "headers": {"Content-Type": "application/json"}})
+        else:
+            skips["consume"] = NOT_AVAILABLE + " (POST /api/v1/usage)"
+    return specs, skips
+
+
+def rates(ctx: Context, names: list[str]) -> tuple[dict, dict]:
+    """Requests per second of the JSON floor (``/healthz``) and of consumes (``POST
+    /api/v1/usage`` over many teams), with the same wrk settings (16 connections, 2
+    threads, the same total time each).
+
+    The two loads alternate in rounds (floor, consume, consume, floor, ...) so that
+    both see the same machine: on a shared machine the speed moves by a factor of two
+    from one minute to the next, and two loads measured a quarter of a minute apart
+    compared that drift as much as the code. A load's rate is its accepted requests over
+    its measured seconds, summed over the rounds. Each request of every round carries
+    a new idempotency key (nothing is a replay). Returns (results, name -> skip reason).
+    """
+    specs, skips = _rate_specs(ctx, names)
+    if not specs:
+        return {}, skips
+    for label, (path, kw) in specs.items():  # warm every worker (imports, connections, plans)
+        warm = _script(ctx, f"{label}-warm", max_requests=200, run=f"{ctx.run_id}w", threads=2, path=path, **kw)
+        wrk.run_wrk(ctx.base_url + path, warm, connections=ctx.connections, threads=2, duration_s=3)
+    seconds = max(1, round(ctx.duration_s / RATE_ROUNDS))
+    rounds: dict[str, list[dict]] = {label: [] for label in specs}
+    order = list(specs)
+    for i in range(RATE_ROUNDS):
+        for label in order if i % 2 == 0 else order[::-1]:
+            path, kw = specs[label]
+            script = _script(ctx, f"{label}-{i}", max_requests=2_000_000, run=f"{ctx.run_id}r{i}", threads=2,
+                             path=path, **kw)
+            r = wrk.run_wrk(ctx.base_url + path, script, connections=ctx.connections, threads=2,
+                            duration_s=seconds)
+            rounds[label].append(_check(f"{label} round {i + 1}", r))
+    results = {}
+    for label, runs in rounds.items():
+        ok, secs = sum(x["ok"] for x in runs), sum(x["seconds"] for x in runs)
+        rps = ok / secs
+        results[f"{label}_rps"] = round(rps, 1)
+        ctx.details[label] = {"rounds": runs, "ok": ok, "seconds": round(secs, 2),
+                              "rps_by_round": [round(x["ok"] / x["seconds"], 1) for x in runs]}
+        ctx.log(f"{label}: {rps:,.0f} req/s ({ok:,} in {secs:.1f}s over {len(runs)} rounds of {seconds}s; "
+                f"by round {', '.join(f'{x:,.0f}' for x in ctx.details[label]['rps_by_round'])})")
+    if len(rounds) == 2:
+        ctx.details["consume_over_floor_by_round"] = [
+            round(c["ok"] / c["seconds"] / (f["ok"] / f["seconds"]), 3)
+            for f, c in zip(rounds["floor_json"], rounds["consume"], strict=True)]
+    return results, skips
 
 
 BATCH_EVENTS = 1000
@@ -293,8 +331,9 @@ def _loadgen(spec: dict, timeout: float) -> dict:
 
 
 MEASURE = {
-    "floor_json": floor_json,
-    "consume": consume,
     "batch": batch,
     "copy": copy_rows,
 }
+# Measured together, one call for each group: the throughputs (floor and consume in
+# alternating rounds), the page latencies (interleaved requests).
+JOINT = {"rates": (RATE_MEASUREMENTS, rates), "pages": (PAGE_MEASUREMENTS, pages)}

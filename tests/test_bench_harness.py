@@ -186,6 +186,33 @@ def test_wrk_script_counts_expected_statuses(live_server, tmp_path):
     assert r.ok == 0 and r.bad >= 5 and r.sample.startswith("200 ")
 
 
+@pytest.mark.skipif(not shutil.which(wrk.WRK), reason="wrk is not installed (apt-get install -y wrk)")
+def test_rates_alternate_floor_and_consume_rounds_with_new_keys(require_postgres, live_server, tmp_path, world):
+    """floor_json_rps and consume_rps come from alternating rounds of the same length; every
+    consume of every round (and of the warm-up) is new: none is an idempotent replay.
+    (PostgreSQL, as the bench: SQLite's in-memory test database locks under 2 writers.)"""
+    from bench import measure
+    from teams.services import api_key_create
+    from usage.models import Event, LedgerEntry
+
+    from .factories import make_grant
+
+    make_grant(world["team"], world["tokens"], 10**9)
+    raw = api_key_create(team=world["team"], name="bench")[1]
+    ctx = measure.Context(base_url=live_server.url, meta={"load_targets": [[raw, "cloud-tokens"]]}, run_id="rt",
+                          workdir=tmp_path, scale=0.01, duration_s=measure.RATE_ROUNDS, connections=2)
+    results, skips = measure.rates(ctx, ["floor_json", "consume"])
+    assert skips == {} and set(results) == {"floor_json_rps", "consume_rps"}
+    floor, consume = ctx.details["floor_json"], ctx.details["consume"]
+    for d in (floor, consume):
+        assert len(d["rounds"]) == measure.RATE_ROUNDS and all(r["unexpected"] == 0 for r in d["rounds"])
+        assert d["ok"] == sum(r["ok"] for r in d["rounds"]) > 0
+    assert results["consume_rps"] == pytest.approx(consume["ok"] / consume["seconds"], rel=1e-3)
+    assert len(ctx.details["consume_over_floor_by_round"]) == measure.RATE_ROUNDS
+    consumes = LedgerEntry.objects.filter(team=world["team"], kind="consume").count()
+    assert consumes == Event.objects.filter(team=world["team"]).count() >= consume["ok"]  # no replays
+
+
 def test_page_loadgen_interleaves_and_reports_medians(live_server):
     host, port = live_server.thread.host, live_server.thread.port
     spec = {"mode": "pages", "host": host, "port": port, "rounds": 5, "max_seconds": 30,
