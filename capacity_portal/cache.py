@@ -11,7 +11,7 @@ Everything else is Django's backend unchanged.
 process, made from the pool's settings) directly: redis-py's command path (taking and
 returning a pooled connection, a readiness poll, its retry wrapper and argument checks)
 cost about three times the round trip itself. A broken connection is reconnected and the
-command sent once more, as redis-py's default retry does.
+command sent once more; a timeout is not retried (the server may have counted already).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import threading
 from django.core.cache.backends import redis as django_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # INCR creates a missing key at 1; only then does it get its time to live. Atomic: a Lua
 # script runs alone, so no other client sees the key without its expiry.
@@ -54,8 +53,10 @@ class RedisCacheClient(django_redis.RedisCacheClient):
         connection = self._counter_connection()
         try:
             return self._count_on(connection, key, timeout)
-        except (RedisConnectionError, RedisTimeoutError):
-            connection.disconnect()  # (a server restart, an idle connection dropped): once more
+        except RedisConnectionError:
+            # A server restart or an idle connection dropped: once more. (Not after a
+            # timeout: the server may have counted already, and one request must count once.)
+            connection.disconnect()
             return self._count_on(connection, key, timeout)
 
     @staticmethod

@@ -222,3 +222,48 @@ def test_fast_path_stamps_ledger_rows_after_waiting_for_the_lock(require_postgre
     holder.join(10)
     entry = LedgerEntry.objects.get(event_id=outcome.event_id)
     assert entry.recorded_at - started >= timedelta(seconds=0.4)
+
+
+def test_a_key_being_marked_used_does_not_hold_up_its_other_requests(world):
+    """The once-a-minute last_used_at write keeps the key's row locked until its request
+    commits (a consume: until the write is done). Other requests of the same key skip
+    that write instead of queueing behind it."""
+    from datetime import timedelta
+
+    from django.db import transaction
+    from django.utils import timezone
+
+    from teams.models import ApiKey
+
+    make_grant(world["team"], world["tokens"], 100)
+    raw = api_key_create(team=world["team"], name="busy")[1]
+    stale = timezone.now() - timedelta(minutes=5)
+    ApiKey.objects.filter(hashed_key=ApiKey.hash(raw)).update(last_used_at=stale)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_key_row():
+        try:
+            with transaction.atomic():
+                ApiKey.objects.select_for_update(no_key=True).get(hashed_key=ApiKey.hash(raw))
+                locked.set()
+                release.wait(timeout=30)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=hold_the_key_row)
+    holder.start()
+    try:
+        assert locked.wait(timeout=10)
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '3s'")  # waiting would fail the request (503), not hang
+        status, body, _ = post(raw, "/usage", {"product": "cloud-tokens", "kind": "consume", "quantity": 1,
+                                               "idempotency_key": key()})
+        assert status == 201, body
+        response = Client().get("/api/v1/balances", headers={"Authorization": f"Bearer {raw}"})
+        assert response.status_code == 200, response.content
+    finally:
+        release.set()
+        holder.join(timeout=30)
+        with connection.cursor() as cursor:
+            cursor.execute("RESET lock_timeout")
+    assert ApiKey.objects.get(hashed_key=ApiKey.hash(raw)).last_used_at == stale  # skipped, not waited for

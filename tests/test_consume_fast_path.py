@@ -347,3 +347,33 @@ def test_api_hands_over_once(world, client):
     assert sum("usage_consume_api" in q for q in sql) == 1
     assert not any("usage_consume_fast" in q for q in sql)
     assert any("teams_apikey" in q and "last_used_at" in q for q in sql)  # the key, looked up for the Python path
+
+
+@pytest.mark.parametrize(("tz", "fast", "local_day"), [
+    ("Europe/Paris", True, 2), ("CET", False, 2), ("EST5EDT", False, 1), ("UTC", True, 1),
+])
+def test_with_key_writes_the_team_local_day_in_summer_time(world, tz, fast, local_day):
+    """PostgreSQL reads some zone names (CET, EET, MET, WET) as fixed-offset abbreviations
+    where zoneinfo has summer time; a zone name without a slash (UTC aside) hands over to
+    the Python path, which takes the day from zoneinfo."""
+    from products.periods import local_date
+    from teams.models import ApiKey
+    from teams.services import api_key_create
+
+    summer = datetime(2026, 7, 1, 22, 40, tzinfo=UTC)
+    team = Team.objects.create(name=f"TZ {tz}", slug=f"tz-{tz.lower().replace('/', '-')}", timezone=tz)
+    grant_create(team=team, product=world["tokens"], quantity=100, source=Source.PURCHASE, refresh=Refresh.NEVER,
+                 starts_at=summer - timedelta(days=2), ends_at=summer + timedelta(days=30), now=summer)
+    usage_consume(team=team, product=world["tokens"], quantity=1, idempotency_key="warm", actor=ACTOR, now=summer)
+    raw = api_key_create(team=team, name="tz")[1]
+    outcome = _with_key(raw, "cloud-tokens", "summer", now=summer + timedelta(minutes=1), quantity=2)
+    if not fast:
+        assert outcome is None and not Event.objects.filter(team=team, key="summer").exists()
+        api_key = ApiKey.objects.select_related("team").get(hashed_key=ApiKey.hash(raw))
+        usage_consume(team=team, product=world["tokens"], quantity=2, idempotency_key="summer",
+                      actor=Actor.for_api_key(api_key), now=summer + timedelta(minutes=1))  # what the API does next
+    else:
+        assert outcome.status_code == 201
+    day = local_date(summer + timedelta(minutes=1), team.tzinfo)
+    assert day == datetime(2026, 7, local_day).date()  # (CET: PostgreSQL's fixed +1 would say July 1)
+    assert DailyRollup.objects.get(team=team, product=world["tokens"], day=day).consumed == 3

@@ -23,7 +23,7 @@ import pydantic
 from django.conf import settings
 from django.core.cache import DEFAULT_CACHE_ALIAS, caches
 from django.core.exceptions import RequestDataTooBig
-from django.db import OperationalError, connection
+from django.db import DatabaseError, OperationalError, connection
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.urls import re_path
@@ -327,12 +327,15 @@ def _active_key(token: str, now: datetime) -> ApiKey | None:
 _KEY_FIELDS = ApiKey._meta.concrete_fields
 _TEAM_FIELDS = Team._meta.concrete_fields
 # One round trip: the key and its team, and the once-a-minute last_used_at write
-# (a data-modifying CTE runs whether or not the outer query reads it).
+# (a data-modifying CTE runs whether or not the outer query reads it). SKIP LOCKED: a
+# request of the same key already writing it (a consume holds the lock until it
+# commits) is enough; this one does not wait for it.
 _ACTIVE_KEY_SQL = (
     "WITH k AS (SELECT {key}, {team} FROM teams_apikey k JOIN teams_team t ON t.id = k.team_id"
     " WHERE k.hashed_key = %s AND k.revoked_at IS NULL),"
-    " u AS (UPDATE teams_apikey SET last_used_at = %s WHERE id = (SELECT k_id FROM k)"
-    " AND (last_used_at IS NULL OR last_used_at <= %s) RETURNING id)"
+    " u AS (UPDATE teams_apikey SET last_used_at = %s WHERE id = (SELECT s.id FROM teams_apikey s"
+    " WHERE s.id = (SELECT k_id FROM k) AND (s.last_used_at IS NULL OR s.last_used_at <= %s)"
+    " FOR NO KEY UPDATE SKIP LOCKED) RETURNING id)"
     " SELECT k.*, EXISTS (SELECT 1 FROM u) FROM k"
 ).format(
     key=columns(_KEY_FIELDS, "k", prefix="k_"),
@@ -388,7 +391,7 @@ class UsageApi(NinjaAPI):
             try:
                 if bearer.api_key() is None:
                     exc = AuthenticationError()
-            except OperationalError as lookup_failed:
+            except DatabaseError as lookup_failed:  # (a JSON 503 or 500, never Django's HTML page)
                 exc = lookup_failed
         return super().on_exception(request, exc)
 

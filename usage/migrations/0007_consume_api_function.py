@@ -8,6 +8,16 @@ consume to ``usage_consume_fast`` (unchanged) as the key's actor, on the team's 
 day of ``p_occurred_at``. An unknown or revoked key is the outcome ``unauthorized``
 and writes nothing.
 
+The day: PostgreSQL reads a zone name as an abbreviation first, and some names that
+zoneinfo knows as zones with summer time are abbreviations of fixed offsets there (CET,
+EET, MET, WET). Abbreviations never contain a slash, so a team whose zone has none
+(other than UTC) hands over (``22X01``) and the Python path computes its day with
+zoneinfo.
+
+``last_used_at`` is written only if no other request is writing it (SKIP LOCKED): the
+row lock lasts until the consume commits, and requests of the same key must not queue
+behind it.
+
 A hand-over (``22X01``) or an overdraft (``22X02``) raised by ``usage_consume_fast``
 rolls the whole statement back, the ``last_used_at`` write included; the caller then
 looks the key up as every other endpoint does (which writes it).
@@ -37,8 +47,14 @@ BEGIN
                             NULL::jsonb;
         RETURN;
     END IF;
+    IF strpos(v_key.timezone, '/') = 0 AND v_key.timezone <> 'UTC' THEN
+        RAISE EXCEPTION 'usage_consume_api: time zone % may be read as an abbreviation', v_key.timezone
+            USING ERRCODE = '22X01';
+    END IF;
     UPDATE teams_apikey SET last_used_at = p_now
-     WHERE id = v_key.id AND (last_used_at IS NULL OR last_used_at <= p_stale);
+     WHERE id = (SELECT k.id FROM teams_apikey k
+                  WHERE k.id = v_key.id AND (k.last_used_at IS NULL OR k.last_used_at <= p_stale)
+                    FOR NO KEY UPDATE SKIP LOCKED);
     RETURN QUERY SELECT * FROM usage_consume_fast(
         v_key.team_id, p_product_code, p_quantity, p_key, p_fingerprint, p_request,
         v_key.id, NULL::bigint, 'api_key:' || v_key.prefix,
