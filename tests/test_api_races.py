@@ -224,7 +224,7 @@ def test_fast_path_stamps_ledger_rows_after_waiting_for_the_lock(require_postgre
     assert entry.recorded_at - started >= timedelta(seconds=0.4)
 
 
-def test_a_key_being_marked_used_does_not_hold_up_its_other_requests(world):
+def test_a_key_being_marked_used_does_not_hold_up_its_other_requests(world, require_postgres):
     """The once-a-minute last_used_at write keeps the key's row locked until its request
     commits (a consume: until the write is done). Other requests of the same key skip
     that write instead of queueing behind it."""
