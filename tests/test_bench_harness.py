@@ -207,7 +207,7 @@ def test_rates_alternate_floor_and_consume_rounds_with_new_keys(require_postgres
     for d in (floor, consume):
         assert len(d["rounds"]) == measure.RATE_ROUNDS and all(r["unexpected"] == 0 for r in d["rounds"])
         assert d["ok"] == sum(r["ok"] for r in d["rounds"]) > 0
-    assert results["consume_rps"] == pytest.approx(consume["ok"] / consume["seconds"], rel=1e-3)
+    assert results["consume_rps"] == pytest.approx(consume["ok"] / consume["seconds"], abs=0.06)  # (rounded to 0.1)
     assert len(ctx.details["consume_over_floor_by_round"]) == measure.RATE_ROUNDS
     consumes = LedgerEntry.objects.filter(team=world["team"], kind="consume").count()
     assert consumes == Event.objects.filter(team=world["team"]).count() >= consume["ok"]  # no replays
