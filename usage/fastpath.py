@@ -50,12 +50,13 @@ def enabled() -> bool:
     return connection.vendor == "postgresql" and settings.USAGE_SQL_FAST_PATH
 
 
-def consume(*, team: Team, product_code: str, unit: str | None, quantity: int, key: str, fingerprint: str,
+def consume(*, team: Team, product_code: str, unit: str, quantity: int, key: str, fingerprint: str,
             payload: dict, actor: Actor, user: str, service: str, job_id: str, occurred_at: datetime,
-            now: datetime, wall: datetime, not_held_is_not_found: bool) -> tuple[int, dict, bool, int]:
-    """(status, body, replayed, event id) of one consume, or raise a UsageError or Fallback.
+            now: datetime, wall: datetime) -> tuple[int, dict, bool, int]:
+    """(status, body, replayed, event id) of one consume, or raise a UsageError or Fallback
+    (also when the team has no balance row for the product yet).
 
-    ``unit`` words the overdraft message (None: looked up only then).
+    ``unit`` words the overdraft message.
     """
     params = [
         team.pk, product_code, quantity, key, fingerprint, json.dumps(payload),
@@ -63,7 +64,7 @@ def consume(*, team: Team, product_code: str, unit: str | None, quantity: int, k
         user, user.lower(), service, job_id, occurred_at, local_date(occurred_at, team.tzinfo), now, wall,
     ]
     row = _execute(SQL, params, product_code=product_code, unit=unit, quantity=quantity)
-    return _answer(row, product_code=product_code, quantity=quantity, not_held_is_not_found=not_held_is_not_found)
+    return _answer(row, product_code=product_code, quantity=quantity, not_held_is_not_found=False)
 
 
 def consume_with_key(*, key_hash: str, stale: datetime, product_code: str, quantity: int, key: str,
@@ -85,6 +86,7 @@ def consume_with_key(*, key_hash: str, stale: datetime, product_code: str, quant
 
 
 def _execute(sql: str, params: list, *, product_code: str, unit: str | None, quantity: int) -> tuple:
+    """The function's row; its refusals as UsageErrors (``unit`` None: looked up only then)."""
     try:
         if connection.in_atomic_block or not connection.get_autocommit():
             with transaction.atomic(), connection.cursor() as cursor:

@@ -164,7 +164,7 @@ def usage_consume(*, team: Team, product: Product, quantity: int, idempotency_ke
         try:
             return _consume_fast(team=team, product_code=product.code, unit=product.unit, quantity=quantity,
                                  key=idempotency_key, payload=payload, actor=actor, user=user, service=service,
-                                 job_id=job_id, at=at, now=now, not_held_is_not_found=False)
+                                 job_id=job_id, at=at, now=now)
         except fastpath.Fallback:
             pass  # something is due on the balance (or it has no row yet): the Python path does it
 
@@ -207,15 +207,13 @@ def usage_consume_with_key(*, key_hash: str, key_stale: datetime, product_code: 
     return Outcome(status, body, replayed=replayed, event_id=event_id)
 
 
-def _consume_fast(*, team: Team, product_code: str, unit: str | None, quantity: int, key: str, payload: dict,
-                  actor: Actor, user: str, service: str, job_id: str, at: datetime, now: datetime,
-                  not_held_is_not_found: bool) -> Outcome:
+def _consume_fast(*, team: Team, product_code: str, unit: str, quantity: int, key: str, payload: dict,
+                  actor: Actor, user: str, service: str, job_id: str, at: datetime, now: datetime) -> Outcome:
     _check_key(key)
     status, body, replayed, event_id = fastpath.consume(
         team=team, product_code=product_code, unit=unit, quantity=quantity, key=key,
         fingerprint=fingerprint({"operation": "consume", **payload}), payload=payload, actor=actor,
         user=user, service=service, job_id=job_id, occurred_at=at, now=now, wall=timezone.now(),
-        not_held_is_not_found=not_held_is_not_found,
     )
     return Outcome(status, body, replayed=replayed, event_id=event_id)
 
