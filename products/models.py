@@ -69,7 +69,7 @@ class TeamProduct(models.Model):
     currently checked out.
     """
 
-    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="team_products")
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="team_products", db_index=False)
     product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="team_products")
     metered_carry = models.BigIntegerField(default=0, help_text="Raw usage not yet charged.")
     checked_out = models.BigIntegerField(default=0, help_text="Capacity currently checked out.")
@@ -130,7 +130,7 @@ class GrantQuerySet(models.QuerySet):
 class Grant(models.Model):
     """Capacity given to a team for a product. Never deleted; revoking is a ledger event."""
 
-    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="grants")
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="grants", db_index=False)
     product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="grants")
     quantity = models.PositiveBigIntegerField()
     source = models.CharField(max_length=20, choices=Source.choices, default=Source.PURCHASE)
@@ -185,8 +185,8 @@ class LotQuerySet(models.QuerySet):
 class Lot(models.Model):
     """One spendable slice of a grant: the whole grant, or one monthly period of it."""
 
-    grant = models.ForeignKey(Grant, on_delete=models.PROTECT, related_name="lots")
-    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="+")
+    grant = models.ForeignKey(Grant, on_delete=models.PROTECT, related_name="lots", db_index=False)
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="+", db_index=False)
     product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="+")
     period_index = models.PositiveIntegerField(default=0)
     period_start = models.DateTimeField()

@@ -38,7 +38,7 @@ class Event(models.Model):
     retry after a top-up can succeed.
     """
 
-    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="events")
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="events", db_index=False)
     key = models.CharField(max_length=255)
     fingerprint = models.CharField(max_length=64)
     operation = models.CharField(max_length=32)
@@ -65,7 +65,7 @@ class Event(models.Model):
 class Checkout(models.Model):
     """Returnable capacity held by a caller under a checkout_id of its choosing."""
 
-    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="+")
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="+", db_index=False)
     product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="+")
     checkout_id = models.CharField(max_length=255)
     quantity = models.PositiveBigIntegerField()
@@ -111,7 +111,7 @@ class LedgerEntry(models.Model):
     to an expired lot is recorded with delta 0).
     """
 
-    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="+")
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="+", db_index=False)
     product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="+")
     lot = models.ForeignKey(Lot, null=True, blank=True, on_delete=models.PROTECT, related_name="entries")
     grant = models.ForeignKey(Grant, null=True, blank=True, on_delete=models.PROTECT, related_name="entries")
@@ -186,7 +186,7 @@ class RollupQuerySet(models.QuerySet):
 class DailyRollup(models.Model):
     """Per team, product and local day: totals kept exact by the write transaction."""
 
-    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="+")
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="+", db_index=False)
     product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="+")
     day = models.DateField(help_text="Day in the team's time zone.")
     consumed = models.BigIntegerField(default=0)
@@ -220,7 +220,7 @@ class DailyRollup(models.Model):
 class DailyBreakdown(models.Model):
     """Per team, product, local day, service and user: consumption for the breakdowns."""
 
-    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="+")
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="+", db_index=False)
     product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="+")
     day = models.DateField()
     service = models.CharField(max_length=100, blank=True)
@@ -257,7 +257,7 @@ class AlertState(models.Model):
     run; recovering resets it, so the next crossing is emailed again.
     """
 
-    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+", db_index=False)
     product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="+")
     key = models.CharField(max_length=64)
     active = models.BooleanField(default=False)
@@ -290,7 +290,7 @@ class ReconciliationRun(models.Model):
 class ReconciliationCheck(models.Model):
     """One balance checked in a run; unique, so a rerun of the same unit is a no-op."""
 
-    run = models.ForeignKey(ReconciliationRun, on_delete=models.CASCADE, related_name="checks")
+    run = models.ForeignKey(ReconciliationRun, on_delete=models.CASCADE, related_name="checks", db_index=False)
     team_product = models.ForeignKey("products.TeamProduct", on_delete=models.CASCADE, related_name="+")
     checked_at = models.DateTimeField()
     lots_checked = models.PositiveIntegerField(default=0)
