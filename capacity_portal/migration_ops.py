@@ -13,20 +13,16 @@ from django.db import migrations
 
 
 def drop_covered_indexes(*fields: tuple[str, str, str]) -> migrations.RunPython:
-    """``RunPython`` dropping the one-column index of each ``(app_label, model, field)``
-    (reversed: created again as Django names it)."""
+    """``RunPython`` dropping the one-column index Django made for each ``(app_label, model,
+    field)`` (reversed: created again, as Django makes it)."""
 
     def forwards(apps, schema_editor):
-        connection = schema_editor.connection
         for app_label, model_name, field_name in fields:
             model = apps.get_model(app_label, model_name)
             column = model._meta.get_field(field_name).column
-            with connection.cursor() as cursor:
-                constraints = connection.introspection.get_constraints(cursor, model._meta.db_table)
-            for name, c in constraints.items():
-                if (c["index"] and not c["unique"] and not c["primary_key"] and c["columns"] == [column]
-                        and not c.get("foreign_key")):
-                    schema_editor.execute(f"DROP INDEX IF EXISTS {schema_editor.quote_name(name)}")
+            # Only the index Django made for the field (a hand-made one on the column stays).
+            name = schema_editor._create_index_name(model._meta.db_table, [column], suffix="")
+            schema_editor.execute(f"DROP INDEX IF EXISTS {schema_editor.quote_name(name)}")
 
     def backwards(apps, schema_editor):
         for app_label, model_name, field_name in fields:
