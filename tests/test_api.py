@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 from decimal import Decimal
 
@@ -59,7 +60,16 @@ def assert_error(response, status: int, code: str) -> dict:
 
 
 @pytest.fixture
-def own_cache(settings):
+def one_window():
+    """Start with at least 10 s left in the rate limit's one-minute window: a test that
+    counts requests must not see its count reset by a new minute halfway."""
+    left = 60 - time.time() % 60
+    if left < 10:
+        time.sleep(left + 0.05)
+
+
+@pytest.fixture
+def own_cache(settings, one_window):
     """A private in-memory cache, so rate-limit windows start empty (and no shared cache,
     e.g. Redis under CI, is ever flushed by a test)."""
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
@@ -572,7 +582,7 @@ def test_rate_limit_zero_means_unlimited(acme, settings, own_cache):
         assert acme["api"].get("/balances").status_code == 200
 
 
-def test_rate_limit_counts_in_redis_when_configured(acme, settings, require_redis):
+def test_rate_limit_counts_in_redis_when_configured(acme, settings, require_redis, one_window):
     """The counter shared by all workers: the same fixed window, stored in Redis."""
     import redis
 
