@@ -22,6 +22,7 @@ $(VENV)/.installed: $(BIN)/uv pyproject.toml uv.lock
 
 install: $(VENV)/.installed
 
+run: export PORTAL_URL ?= http://$(HOST):$(PORT)
 run: install
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py seed_demo

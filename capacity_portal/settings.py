@@ -232,6 +232,25 @@ if EMAIL_HOST:
 else:
     EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "capacity-portal@localhost")
+# The portal's address as its users reach it (scheme, host, optional port and path prefix),
+# for the links in emails. Empty: emails carry no link.
+PORTAL_URL = env_str("PORTAL_URL", "http://127.0.0.1:8000" if DEBUG else "").rstrip("/")
+
+
+def _check_portal_url(url: str) -> None:
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme.lower() not in {"http", "https"} or not parts.hostname
+            or "@" in parts.netloc or any(c in url for c in "?# ")):
+        _fail(f"PORTAL_URL {url!r} must be an http:// or https:// address such as https://portal.example.com"
+              " (a host, optionally a port and a path; no query, fragment or credentials)")
+
+
+if PORTAL_URL:
+    _check_portal_url(PORTAL_URL)
 
 # Redis / Celery. Without REDIS_URL tasks run eagerly in-process (embedded default).
 REDIS_URL = env_str("REDIS_URL")

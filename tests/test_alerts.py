@@ -33,6 +33,11 @@ def check(world, product="tokens"):
     return alerts.alerts_check_team_product(team_product_id=tp.pk)
 
 
+@pytest.fixture(autouse=True)
+def portal_url(settings):
+    settings.PORTAL_URL = "http://portal.test"
+
+
 @pytest.mark.django_db
 def test_red_once_then_exhausted_once(world):
     make_grant(world["team"], world["tokens"], 100)
@@ -48,6 +53,8 @@ def test_red_once_then_exhausted_once(world):
     msg = mail.outbox[0]
     assert "Cloud tokens is running low" in msg.subject and "Acme" in msg.subject
     assert "20 of 100 tokens available (20.0%)" in msg.body
+    # A link straight to the balance, under the portal's configured address.
+    assert f"Balance and usage history: http://portal.test/teams/{world['team'].slug}/products/cloud-tokens/" in msg.body
 
     consume(world, 15)  # exhausted
     assert check(world) == ["empty"]
@@ -222,3 +229,33 @@ def test_alerts_after_write_checks_on_commit(world, django_capture_on_commit_cal
             assert mail.outbox == []  # nothing before the commit
     assert len(mail.outbox) == 1 and "running low" in mail.outbox[0].subject
     assert tasks.alerts_check_balance.delay(world["other"].pk, world["tokens"].pk).get() == []  # never granted
+
+
+@pytest.mark.django_db
+def test_no_link_without_a_portal_address(world, settings):
+    settings.PORTAL_URL = ""
+    make_grant(world["team"], world["tokens"], 10)
+    consume(world, 10)
+    check(world)
+    body = mail.outbox[0].body
+    assert "http" not in body and "Balance and usage history" not in body
+    assert "is exhausted" in mail.outbox[0].subject
+
+
+@pytest.mark.django_db
+def test_the_link_keeps_one_path_prefix_inside_a_request(world, settings):
+    """Tasks run eagerly inside the request that wrote (no Redis): its script prefix must
+    not be added to the one PORTAL_URL already holds."""
+    from django.urls import get_script_prefix, set_script_prefix
+
+    settings.PORTAL_URL = "https://example.com/portal"
+    before = get_script_prefix()
+    set_script_prefix("/portal/")
+    try:
+        make_grant(world["team"], world["tokens"], 10)
+        consume(world, 10)
+        check(world)
+    finally:
+        set_script_prefix(before)
+    slug = world["team"].slug
+    assert f"https://example.com/portal/teams/{slug}/products/cloud-tokens/\n" in mail.outbox[0].body

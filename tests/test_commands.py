@@ -65,6 +65,12 @@ def test_seed_demo_twice_changes_nothing(db):
     ({"DATABASE_URL": "mysql://x/y"}, "not supported"),
     ({"REDIS_URL": "http://localhost"}, "REDIS_URL"),
     ({"API_RATE_LIMIT_PER_MINUTE": "lots"}, "is not an integer"),
+    ({"PORTAL_URL": "portal.example.com"}, "PORTAL_URL"),
+    ({"PORTAL_URL": "ftp://portal.example.com"}, "PORTAL_URL"),
+    ({"PORTAL_URL": "https://user:secret@portal.example.com"}, "PORTAL_URL"),
+    ({"PORTAL_URL": "https://portal.example.com:port"}, "PORTAL_URL"),
+    ({"PORTAL_URL": "https://portal.example.com/?x"}, "PORTAL_URL"),
+    ({"PORTAL_URL": "http://:8000"}, "PORTAL_URL"),
 ])
 def test_bad_configuration_fails_at_startup_with_one_line(env, message):
     import os

@@ -26,6 +26,7 @@ from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.template.loader import render_to_string
+from django.urls import get_script_prefix, reverse
 from django.utils import timezone
 
 from products.models import Grant, TeamProduct
@@ -86,6 +87,16 @@ def _describe(key: str, balance: Balance | None, grants: dict[int, Grant], team:
                           f"ending on {ends:%Y-%m-%d %H:%M} ({days} days).")
 
 
+def portal_link(viewname: str, **kwargs) -> str:
+    """The absolute address of a portal page for an email ("" when ``PORTAL_URL`` is empty)."""
+    if not settings.PORTAL_URL:
+        return ""
+    # PORTAL_URL holds any path prefix itself; inside a request reverse() would add the
+    # request's script prefix once more (eager tasks run there).
+    path = reverse(viewname, kwargs=kwargs).removeprefix(get_script_prefix())
+    return f"{settings.PORTAL_URL}/{path}"
+
+
 def team_admin_emails(team: Team) -> list[str]:
     return sorted({
         m.user.email for m in Membership.objects.for_team(team).admins().select_related("user")
@@ -134,10 +145,11 @@ def alerts_check_team_product(*, team_product_id: int, now: datetime | None = No
     if not recipients:
         logger.warning("alerts %s for %s/%s: the team has no admin with an email", fired, team.slug, product.code)
         return fired
-    context = {"team": team, "product": product, "balance": balance, "alerts": alerts, "top": alerts[0]}
-    subject = " ".join(render_to_string("usage/email/alert_subject.txt", context).split())
-    body = render_to_string("usage/email/alert_body.txt", context)
     try:
+        context = {"team": team, "product": product, "balance": balance, "alerts": alerts, "top": alerts[0],
+                   "details_url": portal_link("usage:product_detail", slug=team.slug, code=product.code)}
+        subject = " ".join(render_to_string("usage/email/alert_subject.txt", context).split())
+        body = render_to_string("usage/email/alert_body.txt", context)
         send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, recipients)
     except Exception:
         # Release the claims so the next check retries: an alert is never silently lost.
