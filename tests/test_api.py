@@ -495,6 +495,8 @@ def test_usage_history(acme):
     assert month["series"][-1]["consumed"] == 15 and month["end"] == today.isoformat()
     mine = api.get("/usage", {"product": "cloud-tokens", "user": "user@example.com"}).json()
     assert sum(b["consumed"] for b in mine["series"]) == 10
+    shouted = api.get("/usage", {"product": "cloud-tokens", "user": "User@Example.com"}).json()
+    assert sum(b["consumed"] for b in shouted["series"]) == 10  # an email in any case
 
 
 def test_usage_history_of_returnable_capacity(acme):

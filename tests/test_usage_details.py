@@ -275,6 +275,21 @@ def test_my_usage_shows_only_the_signed_in_users_usage(data, client):
     assert max(pool["data"][0]["y"]) == 3  # 4 out, 1 back
 
 
+def test_my_usage_matches_the_email_in_any_case(data, client, api_actor):
+    """A service that writes the member's email in capitals still reports their usage."""
+    usage_consume(team=data["team"], product=data["tokens"], quantity=5, idempotency_key=key(),
+                  actor=api_actor, user="USER@Example.COM", service="rendering")
+    client.force_login(data["members"]["user"])
+    r = client.get(reverse("usage:my_usage", kwargs={"slug": "acme"}) + "?range=month")
+    figures = [json.loads(m) for m in re.findall(
+        r'<script type="application/json" data-plotly-figure="[^"]+">(.*?)</script>', r.content.decode(), re.S)]
+    by_name = {f["data"][0]["name"]: f for f in figures}
+    assert sum(by_name["Consumed (tokens)"]["data"][0]["y"]) == 35  # 30 + 5, still not the admin's 70
+    client.force_login(data["members"]["primary_admin"])
+    r = client.get(reverse("usage:my_usage", kwargs={"slug": "acme"}) + "?range=month&granularity=month")
+    assert b"USER@Example.COM" not in r.content and b">75<" not in r.content
+
+
 def test_my_usage_for_an_admin_is_their_own_too(data, client):
     client.force_login(data["members"]["primary_admin"])
     r = client.get(reverse("usage:my_usage", kwargs={"slug": "acme"}) + "?range=month&granularity=month")

@@ -141,7 +141,7 @@ class HistoryQuery(Strict):
     granularity: Literal["day", "week", "month"] = "day"
     start: date | None = Field(None, description="First local day (YYYY-MM-DD). Default: 1st of this month.")
     end: date | None = Field(None, description="Last local day (YYYY-MM-DD). Default: today.")
-    user: Text(254) | None = Field(None, description="Only this user's usage.")
+    user: Text(254) | None = Field(None, description="Only this user's usage (an email in any case).")
 
 
 # -- output types (documentation: responses are built from the services' bodies) -------------

@@ -153,9 +153,11 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
         rows, opening, balance = read(team, product, start, end, track_balance=track_balance,
                                       track_level=track_level)
     else:
+        # One person's rows, whatever case the service wrote their email in (the ledger links
+        # a member the same way).
         sums = (
             DailyBreakdown.objects.for_team(team)
-            .filter(product=product, user=user, day__range=(start, end))
+            .filter(product=product, user__iexact=user, day__range=(start, end))
             .values("day")
             .annotate(**{name: Sum(name) for name in AMOUNT_FIELDS})
             .order_by("day")
@@ -165,7 +167,7 @@ def usage_series(*, team: Team, product: Product, start: date, end: date, granul
         if track_level:
             before = (
                 DailyBreakdown.objects.for_team(team)
-                .filter(product=product, user=user, day__lt=start)
+                .filter(product=product, user__iexact=user, day__lt=start)
                 .aggregate(out=Sum("checked_out"), back=Sum("returned"))
             )
             opening = (before["out"] or 0) - (before["back"] or 0)
@@ -324,7 +326,7 @@ def usage_breakdown(*, team: Team, product: Product, start: date, end: date, by:
         raise InvalidRange(f"by must be one of {', '.join(BREAKDOWNS)}.")
     qs = DailyBreakdown.objects.for_team(team).filter(product=product, day__range=(start, end))
     if user is not None:
-        qs = qs.filter(user=user)
+        qs = qs.filter(user__iexact=user)
     rows = (
         qs.values(by)
         .annotate(**{name: Sum(name) for name in AMOUNT_FIELDS})
