@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 
 import pytest
@@ -78,3 +79,20 @@ def world(db):
                           capacity_type=CapacityType.RETURNABLE)
     return {"team": team, "other": other, "members": members, "outsider": outsider, "tokens": tokens,
             "pool": pool}
+
+
+@pytest.fixture
+def one_window():
+    """Start with at least 10 s left in the rate limit's one-minute window: a test that
+    counts requests must not see its count reset by a new minute halfway."""
+    left = 60 - time.time() % 60
+    if left < 10:
+        time.sleep(left + 0.05)
+
+
+@pytest.fixture
+def own_cache(settings, one_window):
+    """A private in-memory cache, so rate-limit windows start empty (and no shared cache,
+    e.g. Redis under CI, is ever flushed by a test)."""
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+                                   "LOCATION": f"api-test-{key()}"}}

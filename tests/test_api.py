@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from datetime import timedelta
 from decimal import Decimal
 
@@ -18,14 +17,26 @@ from usage.models import Event, Kind, LedgerEntry
 
 from .conftest import key
 from .factories import ProductFactory, make_grant
+from .lane import through_lane
 
 pytestmark = pytest.mark.django_db
 
 BASE = "/api/v1"
 
 
+@pytest.fixture(autouse=True, params=["django", "lane"])
+def transport(request, monkeypatch):
+    """Every test twice: through Django's handler, and through the consume lane in front of
+    it (which answers plain consumes on PostgreSQL and hands Django everything else)."""
+    monkeypatch.setattr(ApiClient, "lane", request.param == "lane")
+    return request.param
+
+
 class ApiClient:
-    """django.test.Client speaking JSON with a Bearer key."""
+    """django.test.Client speaking JSON with a Bearer key. POSTs go through the consume lane
+    when ``lane`` is on (see the ``transport`` fixture)."""
+
+    lane = False
 
     def __init__(self, raw_key: str | None):
         self.client = Client()
@@ -33,6 +44,8 @@ class ApiClient:
 
     def post(self, path: str, body, headers: dict | None = None):
         data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        if ApiClient.lane:
+            return through_lane("POST", BASE + path, data, headers={**self.headers, **(headers or {})})
         return self.client.post(BASE + path, data=data, content_type="application/json",
                                 headers={**self.headers, **(headers or {})})
 
@@ -57,23 +70,6 @@ def assert_error(response, status: int, code: str) -> dict:
     assert body["error"]["code"] == code
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     return body
-
-
-@pytest.fixture
-def one_window():
-    """Start with at least 10 s left in the rate limit's one-minute window: a test that
-    counts requests must not see its count reset by a new minute halfway."""
-    left = 60 - time.time() % 60
-    if left < 10:
-        time.sleep(left + 0.05)
-
-
-@pytest.fixture
-def own_cache(settings, one_window):
-    """A private in-memory cache, so rate-limit windows start empty (and no shared cache,
-    e.g. Redis under CI, is ever flushed by a test)."""
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-                                   "LOCATION": f"api-test-{key()}"}}
 
 
 def setup_acme(world) -> dict:

@@ -51,6 +51,7 @@ from .errors import (
     unknown_product,
 )
 from .history import GRANULARITIES, resolve_range, team_today, usage_series
+from .lane import RATE_COUNTED
 from .services import Outcome, job_refund, usage_consume_with_key
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ MAX_QUANTITY = 10**15
 OCCURRED_AT_PAST = timedelta(days=35)
 OCCURRED_AT_FUTURE = timedelta(minutes=5)
 LAST_USED_EVERY = timedelta(seconds=60)
+MAX_TOKEN_LENGTH = 200
 RATE_WINDOW_TTL = 120  # seconds a one-minute window's counter is kept (it outlives its minute)
 HISTORY_FIRST_DAY = date(2000, 1, 1)
 HISTORY_LAST_DAY = date(2999, 12, 31)
@@ -257,12 +259,14 @@ class ApiKeyAuth(HttpBearer):
         self.defer_lookup = defer_lookup
 
     def authenticate(self, request: HttpRequest, token: str) -> ApiKey | BearerKey | None:
-        if not token or len(token) > 200:
+        if not token or len(token) > MAX_TOKEN_LENGTH:
             return None
         if self.defer_lookup:
             bearer = BearerKey(token)
+            if request.META.get(RATE_COUNTED) == bearer.hashed:
+                return bearer  # the consume lane counted this request already
             try:
-                _check_rate(bearer.hashed)
+                check_rate(bearer.hashed)
             except RateLimited:
                 if bearer.api_key() is None:
                     return None
@@ -271,7 +275,7 @@ class ApiKeyAuth(HttpBearer):
         api_key = _active_key(token, timezone.now())
         if api_key is None:
             return None
-        _check_rate(api_key.hashed_key)
+        check_rate(api_key.hashed_key)
         return api_key
 
 
@@ -343,7 +347,7 @@ _ACTIVE_KEY_SQL = (
 )
 
 
-def _check_rate(key_hash: str) -> None:
+def check_rate(key_hash: str) -> None:
     """Fixed one-minute window per key (by the SHA-256 of its secret: known before the
     key is looked up), counted in the cache (shared when it is Redis)."""
     limit = settings.API_RATE_LIMIT_PER_MINUTE
@@ -448,6 +452,7 @@ api = UsageApi(
     docs_url="/docs",
     openapi_url="/openapi.json",
 )
+CONTENT_TYPE = api.get_content_type()
 
 
 def _error(request: HttpRequest, code: str, message: str, status: int) -> HttpResponse:
@@ -522,7 +527,12 @@ def _describe(errors: list[dict]) -> str:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _json(request: HttpRequest, outcome: Outcome) -> HttpResponse:
+def render(data) -> bytes:
+    """``data`` as the API's JSON renderer writes it."""
+    return api.renderer.render(None, data, response_status=200).encode(api.renderer.charset)
+
+
+def json_response(request: HttpRequest, outcome: Outcome) -> HttpResponse:
     response = api.create_response(request, outcome.body, status=outcome.status_code)
     if outcome.replayed:
         response["Idempotent-Replayed"] = "true"
@@ -568,7 +578,7 @@ def _check_occurred_at(at: datetime | None, now: datetime) -> None:
         raise InvalidRequest("occurred_at must be between 35 days ago and 5 minutes from now.")
 
 
-def _check_event(data: UsageIn, now: datetime) -> None:
+def check_event(data: UsageIn, now: datetime) -> None:
     """What the API refuses before any service runs (field combinations, the time window)."""
     _check_occurred_at(data.occurred_at, now)
     if data.kind in ("consume", "metered"):
@@ -590,7 +600,7 @@ def _usage_request(data: UsageIn, product: Product) -> UsageRequest:
 def _record(*, team: Team, actor: Actor, data: UsageIn, product: Product, now: datetime,
             fast: bool = True) -> Outcome:
     """One usage event through its service (the service opens its own (nested) transaction)."""
-    _check_event(data, now)
+    check_event(data, now)
     return usage_record(team=team, request=_usage_request(data, product), actor=actor, now=now, fast=fast)
 
 
@@ -606,13 +616,13 @@ def post_usage(request: HttpRequest, data: UsageIn):
     bearer: BearerKey = request.auth
     if data.kind == "consume":
         # PostgreSQL: the key, the product and the whole write in one round trip; None: not applicable.
-        _check_event(data, timezone.now())
+        check_event(data, timezone.now())
         try:
-            outcome = _with_retry(lambda: _consume_with_key(bearer, data))
+            outcome = _with_retry(lambda: consume_with_key(bearer.hashed, data))
         except fastpath.KeyRejected:
             raise AuthenticationError from None
         if outcome is not None:
-            return _json(request, outcome)
+            return json_response(request, outcome)
     api_key = bearer.api_key()
     if api_key is None:
         raise AuthenticationError
@@ -621,13 +631,15 @@ def post_usage(request: HttpRequest, data: UsageIn):
     # (A consume that gets here was just handed over: no second try of the fast path.)
     outcome = _with_retry(lambda: _record(team=team, actor=Actor.for_api_key(api_key), data=data, product=product,
                                           now=timezone.now(), fast=data.kind != "consume"))
-    return _json(request, outcome)
+    return json_response(request, outcome)
 
 
-def _consume_with_key(bearer: BearerKey, data: UsageIn) -> Outcome | None:
+def consume_with_key(key_hash: str, data: UsageIn) -> Outcome | None:
+    """A consume by the API key whose SHA-256 is ``key_hash``, in one round trip (see
+    ``usage_consume_with_key``); None when that path does not apply."""
     now = timezone.now()
     return usage_consume_with_key(
-        key_hash=bearer.hashed, key_stale=now - LAST_USED_EVERY, product_code=data.product, quantity=data.quantity,
+        key_hash=key_hash, key_stale=now - LAST_USED_EVERY, product_code=data.product, quantity=data.quantity,
         idempotency_key=data.idempotency_key, user=data.user, service=data.service, job_id=data.job_id,
         occurred_at=data.occurred_at, now=now,
     )
@@ -661,7 +673,7 @@ def post_usage_batch(request: HttpRequest, data: BatchIn):
     for index, event in enumerate(parsed):
         if isinstance(event, UsageIn):
             try:
-                _check_event(event, timezone.now())
+                check_event(event, timezone.now())
             except UsageError as exc:
                 parsed[index] = exc
                 continue
@@ -700,7 +712,7 @@ def post_job_refund(request: HttpRequest, job_id: str, data: RefundIn):
     actor = Actor.for_api_key(api_key)
     outcome = _with_retry(lambda: job_refund(team=api_key.team, job_id=job_id, idempotency_key=data.idempotency_key,
                                              actor=actor, reason=data.reason))
-    return _json(request, outcome)
+    return json_response(request, outcome)
 
 
 def _clean_or_422(value: str, name: str) -> None:

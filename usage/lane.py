@@ -1,0 +1,160 @@
+"""The consume lane: ``POST /api/v1/usage`` consumes answered before Django's request cycle.
+
+A WSGI wrapper around Django's application (``capacity_portal.wsgi``). Measured under
+load (``make bench``), Django's request cycle and the django-ninja operation (middleware,
+URL resolving, ninja's auth and body parsing, the response pipeline) were about two
+thirds of a consume's Python time: the lane answers the API's commonest request without
+them, through the same service call.
+
+What it answers: a consume the ninja operation would take as it is (an ``Authorization:
+Bearer`` key, a JSON body that ``UsageIn`` validates, kind ``consume``, a time inside
+the window, within the key's rate limit) and that the one-round-trip consume
+(``usage.services.usage_consume_with_key``) records or replays. Everything else, and
+every consume it does not finish (a refusal, an unknown key, a balance with something
+due, a database error, a bug here), goes to Django unchanged: the ninja operation stays
+the reference and answers exactly as before. Handing over is always safe: either
+nothing was written, or the write is found again by its idempotency key and replayed.
+
+What it keeps of Django's request cycle: ``ALLOWED_HOSTS`` (``get_host``), the request
+body limit, the SSL redirect (handed over), the database connection care of
+``request_started`` / ``request_finished`` (``close_old_connections``), and the response
+headers the middleware give an API response (SecurityMiddleware, XFrameOptionsMiddleware,
+a Content-Length). ``tests/test_consume_lane.py`` holds its answers to Django's, headers
+included, and runs the API's tests through it.
+
+The per-key rate limit is counted once: a consume the lane counted and then hands over
+carries :data:`RATE_COUNTED` in its environ (not an ``HTTP_`` key, so no request header
+can set it) and the API's auth does not count it again.
+
+PostgreSQL only (the one-round-trip consume); elsewhere, and under ASGI, Django serves
+every request.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from http import HTTPStatus
+
+import pydantic
+from django.conf import settings
+from django.core.exceptions import DisallowedHost
+from django.core.handlers.wsgi import WSGIRequest
+from django.db import DatabaseError, close_old_connections
+from django.http import HttpResponse
+from django.middleware.clickjacking import XFrameOptionsMiddleware
+from django.middleware.security import SecurityMiddleware
+from django.urls import reverse
+from django.utils import timezone
+
+logger = logging.getLogger(__name__)
+
+# environ key: the SHA-256 of the bearer key whose rate limit the lane has counted.
+RATE_COUNTED = "capacity_portal.rate_counted"
+
+
+def bearer_token(header: str) -> str | None:
+    """The token of an ``Authorization`` value as django-ninja's ``HttpBearer`` reads it."""
+    if not header:
+        return None
+    parts = header.split(" ")
+    if parts[0].lower() != "bearer":
+        return None
+    return " ".join(parts[1:])
+
+
+class ConsumeLane:
+    """WSGI application: the consume lane in front of ``app`` (Django's)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.path = reverse("api-v1:post_usage")  # (no script prefix yet: the path inside the app)
+        self._headers = {}
+
+    def _middleware_headers(self, secure: bool) -> list[tuple[str, str]]:
+        """The headers the middleware add to an API response (a secure request's or not), found
+        by running them once on an empty response; they depend on nothing else."""
+        headers = self._headers.get(secure)
+        if headers is None:
+            request = WSGIRequest({"REQUEST_METHOD": "POST", "PATH_INFO": self.path, "wsgi.input": io.BytesIO(),
+                                   "wsgi.url_scheme": "https" if secure else "http"})
+            response = HttpResponse()
+            plain = set(response.headers)
+            no_response = lambda request: None  # noqa: E731 - only their process_response runs
+            for middleware in (SecurityMiddleware(no_response), XFrameOptionsMiddleware(no_response)):
+                middleware.process_response(request, response)
+            headers = self._headers[secure] = [(k, v) for k, v in response.items() if k not in plain]
+        return headers
+
+    def __call__(self, environ, start_response):
+        if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != self.path:
+            return self.app(environ, start_response)
+        close_old_connections()  # as on request_started
+        try:
+            response = self._answer(environ)
+        except Exception:  # a bug here must not cost the request: Django answers it (replays if written)
+            logger.exception("consume lane: handing the request to Django after an error")
+            response = None
+        if response is None:
+            return self.app(environ, start_response)
+        close_old_connections()  # as on request_finished
+        status, headers, body = response
+        start_response(status, headers)
+        return [body]
+
+    def _answer(self, environ) -> tuple[str, list, bytes] | None:
+        """(status line, headers, body) of a consume the lane takes, or None: Django answers."""
+        from . import api, fastpath
+        from .errors import InvalidRequest, RateLimited, UsageError
+
+        if not fastpath.enabled():
+            return None
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or "")
+        except ValueError:
+            return None
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if length <= 0 or (limit is not None and length > limit):
+            return None
+        body = environ["wsgi.input"].read(length)
+        environ["wsgi.input"] = io.BytesIO(body)  # Django reads it again if the lane hands over
+        request = WSGIRequest(environ)
+        try:
+            request.get_host()
+        except DisallowedHost:
+            return None
+        if settings.SECURE_SSL_REDIRECT and not request.is_secure():
+            return None
+        token = bearer_token(environ.get("HTTP_AUTHORIZATION", ""))
+        if not token or len(token) > api.MAX_TOKEN_LENGTH:
+            return None
+        try:
+            data = api.UsageIn.model_validate(json.loads(body))
+        except (ValueError, RecursionError, pydantic.ValidationError):
+            return None
+        if data.kind != "consume":
+            return None
+        try:
+            api.check_event(data, timezone.now())
+        except InvalidRequest:
+            return None
+        hashed = api.ApiKey.hash(token)
+        try:
+            api.check_rate(hashed)
+        except RateLimited:  # Django counts it again (still over) and answers 429, or 401 to a bad key
+            return None
+        environ[RATE_COUNTED] = hashed
+        try:
+            outcome = api.consume_with_key(hashed, data)
+        except (fastpath.KeyRejected, UsageError, DatabaseError):
+            return None
+        if outcome is None:  # something is due on the balance: the Python path
+            return None
+        content = api.render(outcome.body)
+        headers = [("Content-Type", api.CONTENT_TYPE), ("Content-Length", str(len(content))),
+                   *self._middleware_headers(request.is_secure())]
+        if outcome.replayed:
+            headers.append(("Idempotent-Replayed", "true"))
+        status = HTTPStatus(outcome.status_code)
+        return f"{status.value} {status.phrase}", headers, content
