@@ -10,8 +10,9 @@ lane's status, headers and body (``response.lane`` is True then).
 from __future__ import annotations
 
 import json
-from unittest import mock
 
+from django.core import signals
+from django.db import close_old_connections
 from django.http import HttpResponse
 from django.test import Client, RequestFactory
 
@@ -35,8 +36,13 @@ def through_lane(method: str, path: str, data=b"", content_type: str = "applicat
         answer["status"], answer["headers"] = status, headers
 
     # As the test client does around its requests: the test's transaction keeps its connection.
-    with mock.patch("usage.lane.close_old_connections"):
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    try:
         body = b"".join(ConsumeLane(django)(environ, start_response))
+    finally:
+        signals.request_started.connect(close_old_connections)
+        signals.request_finished.connect(close_old_connections)
     if "response" in handled:
         response = handled["response"]
         response.lane = False

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from django.core import signals
 from django.test import Client
 
 from capacity_portal.wsgi import application
@@ -209,3 +210,24 @@ def test_without_the_sql_fast_path_django_answers(acme, settings):
     response = post(acme["raw"], consume(acme["raw"]))
     assert not response.lane and response.status_code == 201
     assert consumed() == 1
+
+
+def test_the_lane_sends_the_request_signals(acme, require_postgres):
+    """Django's request_started and request_finished (closing stale or broken connections
+    among others) come with every request the lane answers."""
+    seen = []
+
+    def started(sender, **kwargs):
+        seen.append("started")
+
+    def finished(sender, **kwargs):
+        seen.append("finished")
+
+    signals.request_started.connect(started)
+    signals.request_finished.connect(finished)
+    try:
+        response = post(acme["raw"], consume(acme["raw"]))
+    finally:
+        signals.request_started.disconnect(started)
+        signals.request_finished.disconnect(finished)
+    assert response.lane and seen == ["started", "finished"]

@@ -16,8 +16,8 @@ the reference and answers exactly as before. Handing over is always safe: either
 nothing was written, or the write is found again by its idempotency key and replayed.
 
 What it keeps of Django's request cycle: ``ALLOWED_HOSTS`` (``get_host``), the request
-body limit, the SSL redirect (handed over), the database connection care of
-``request_started`` / ``request_finished`` (``close_old_connections``), and the response
+body limit, the SSL redirect (handed over), the request signals (``request_started``,
+``request_finished``: the database connection's care among others), and the response
 headers the middleware give an API response (SecurityMiddleware, XFrameOptionsMiddleware,
 a Content-Length). ``tests/test_consume_lane.py`` holds its answers to Django's, headers
 included, and runs the API's tests through it.
@@ -39,9 +39,10 @@ from http import HTTPStatus
 
 import pydantic
 from django.conf import settings
+from django.core import signals
 from django.core.exceptions import DisallowedHost
 from django.core.handlers.wsgi import WSGIRequest
-from django.db import DatabaseError, close_old_connections
+from django.db import DatabaseError
 from django.http import HttpResponse
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
@@ -90,15 +91,17 @@ class ConsumeLane:
     def __call__(self, environ, start_response):
         if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != self.path:
             return self.app(environ, start_response)
-        close_old_connections()  # as on request_started
+        # A request to Django's eyes: its signals (the database connection's care, among others).
+        signals.request_started.send(sender=self.__class__, environ=environ)
         try:
             response = self._answer(environ)
         except Exception:  # a bug here must not cost the request: Django answers it (replays if written)
             logger.exception("consume lane: handing the request to Django after an error")
             response = None
+        finally:
+            signals.request_finished.send(sender=self.__class__)
         if response is None:
             return self.app(environ, start_response)
-        close_old_connections()  # as on request_finished
         status, headers, body = response
         start_response(status, headers)
         return [body]
