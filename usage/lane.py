@@ -89,7 +89,10 @@ class ConsumeLane:
         return headers
 
     def __call__(self, environ, start_response):
-        if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != self.path:
+        from . import fastpath
+
+        if (environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != self.path
+                or not fastpath.enabled()):  # (the one-statement consume: PostgreSQL, not switched off)
             return self.app(environ, start_response)
         # A request to Django's eyes: its signals (the database connection's care, among others).
         signals.request_started.send(sender=self.__class__, environ=environ)
@@ -111,8 +114,6 @@ class ConsumeLane:
         from . import api, fastpath
         from .errors import InvalidRequest, RateLimited, UsageError
 
-        if not fastpath.enabled():
-            return None
         try:
             length = int(environ.get("CONTENT_LENGTH") or "")
         except ValueError:
