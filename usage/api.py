@@ -607,6 +607,8 @@ def _record(*, team: Team, actor: Actor, data: UsageIn, product: Product, now: d
 # -- endpoints -------------------------------------------------------------------------------
 
 
+# Under WSGI, usage.lane answers the plain consumes before they get here (same model, checks,
+# rate count and service call) and hands this operation everything else: it stays the reference.
 @api.post("/usage", response={201: UsageOut, **ERRORS}, auth=ApiKeyAuth(defer_lookup=True),
           summary="Report usage (consume, checkout, return, metered)")
 def post_usage(request: HttpRequest, data: UsageIn):
