@@ -231,3 +231,14 @@ def test_the_lane_sends_the_request_signals(acme, require_postgres):
         signals.request_started.disconnect(started)
         signals.request_finished.disconnect(finished)
     assert response.lane and seen == ["started", "finished"]
+
+
+def test_the_lane_headers_follow_the_settings(settings):
+    lane = ConsumeLane(lambda environ, start_response: [])
+    settings.X_FRAME_OPTIONS = "DENY"
+    assert ("X-Frame-Options", "DENY") in lane._middleware_headers(False)
+    settings.X_FRAME_OPTIONS = "SAMEORIGIN"
+    settings.SECURE_HSTS_SECONDS = 60
+    assert ("X-Frame-Options", "SAMEORIGIN") in lane._middleware_headers(False)
+    assert ("Strict-Transport-Security", "max-age=60") in lane._middleware_headers(True)
+    assert not any(name == "Strict-Transport-Security" for name, _ in lane._middleware_headers(False))

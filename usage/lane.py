@@ -53,6 +53,10 @@ logger = logging.getLogger(__name__)
 
 # environ key: the SHA-256 of the bearer key whose rate limit the lane has counted.
 RATE_COUNTED = "capacity_portal.rate_counted"
+# What the response headers of SecurityMiddleware and XFrameOptionsMiddleware depend on.
+_HEADER_SETTINGS = ("SECURE_HSTS_SECONDS", "SECURE_HSTS_INCLUDE_SUBDOMAINS", "SECURE_HSTS_PRELOAD",
+                    "SECURE_CONTENT_TYPE_NOSNIFF", "SECURE_REFERRER_POLICY", "SECURE_CROSS_ORIGIN_OPENER_POLICY",
+                    "X_FRAME_OPTIONS")
 
 
 def bearer_token(header: str) -> str | None:
@@ -75,8 +79,9 @@ class ConsumeLane:
 
     def _middleware_headers(self, secure: bool) -> list[tuple[str, str]]:
         """The headers the middleware add to an API response (a secure request's or not), found
-        by running them once on an empty response; they depend on nothing else."""
-        headers = self._headers.get(secure)
+        by running them on an empty response; they depend on nothing else but their settings."""
+        key = (secure, *(repr(getattr(settings, name)) for name in _HEADER_SETTINGS))
+        headers = self._headers.get(key)
         if headers is None:
             request = WSGIRequest({"REQUEST_METHOD": "POST", "PATH_INFO": self.path, "wsgi.input": io.BytesIO(),
                                    "wsgi.url_scheme": "https" if secure else "http"})
@@ -85,7 +90,7 @@ class ConsumeLane:
             no_response = lambda request: None  # noqa: E731 - only their process_response runs
             for middleware in (SecurityMiddleware(no_response), XFrameOptionsMiddleware(no_response)):
                 middleware.process_response(request, response)
-            headers = self._headers[secure] = [(k, v) for k, v in response.items() if k not in plain]
+            headers = self._headers[key] = [(k, v) for k, v in response.items() if k not in plain]
         return headers
 
     def __call__(self, environ, start_response):
