@@ -10,6 +10,7 @@ lane's status, headers and body (``response.lane`` is True then).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 from django.core import signals
 from django.db import close_old_connections
@@ -17,6 +18,19 @@ from django.http import HttpResponse
 from django.test import Client, RequestFactory
 
 from usage.lane import ConsumeLane
+
+
+@contextmanager
+def connection_kept():
+    """As the test client does around its requests: the request signals do not close the
+    test's connection (that would end the test's transaction)."""
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    try:
+        yield
+    finally:
+        signals.request_started.connect(close_old_connections)
+        signals.request_finished.connect(close_old_connections)
 
 
 def through_lane(method: str, path: str, data=b"", content_type: str = "application/json",
@@ -35,14 +49,11 @@ def through_lane(method: str, path: str, data=b"", content_type: str = "applicat
     def start_response(status, headers):
         answer["status"], answer["headers"] = status, headers
 
-    # As the test client does around its requests: the test's transaction keeps its connection.
-    signals.request_started.disconnect(close_old_connections)
-    signals.request_finished.disconnect(close_old_connections)
-    try:
-        body = b"".join(ConsumeLane(django)(environ, start_response))
-    finally:
-        signals.request_started.connect(close_old_connections)
-        signals.request_finished.connect(close_old_connections)
+    with connection_kept():
+        result = ConsumeLane(django)(environ, start_response)
+        body = b"".join(result)
+        if hasattr(result, "close"):  # as a WSGI server does once the body is sent
+            result.close()
     if "response" in handled:
         response = handled["response"]
         response.lane = False

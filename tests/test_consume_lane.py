@@ -5,10 +5,13 @@ it as well.)"""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from django.core import signals
-from django.test import Client
+from django.test import Client, RequestFactory
+from django.urls import set_script_prefix
+from ninja.security import HttpBearer
 
 from capacity_portal.wsgi import application
 from teams.services import api_key_create
@@ -18,7 +21,7 @@ from usage.models import Event, Kind, LedgerEntry
 
 from .conftest import key
 from .factories import make_grant
-from .lane import through_lane
+from .lane import connection_kept, through_lane
 
 pytestmark = pytest.mark.django_db
 
@@ -126,6 +129,7 @@ def test_a_consume_the_lane_counted_and_handed_over_counts_once(acme, settings, 
     limited = post(acme["raw"], consume(acme["raw"]))
     assert not limited.lane
     assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(limited["Retry-After"]) <= 60
     assert consumed() == 1
 
 
@@ -177,21 +181,21 @@ def test_everything_but_a_plain_consume_is_answered_by_django(acme, case):
         assert response.json()["error"]["code"] == code
 
 
-def test_a_host_not_allowed_is_djangos_400(acme, settings):
+def test_a_host_not_allowed_is_djangos_400(acme, settings, require_postgres):
     settings.ALLOWED_HOSTS = ["portal.example"]
     response = post(acme["raw"], consume(acme["raw"]), headers={"Host": "evil.example"})
     assert not response.lane and response.status_code == 400
     assert consumed() == 0
 
 
-def test_a_body_over_the_limit_is_djangos_413(acme, settings):
+def test_a_body_over_the_limit_is_djangos_413(acme, settings, require_postgres):
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 100
     response = post(acme["raw"], consume(acme["raw"], service="x" * 100))
     assert not response.lane and response.status_code == 413
     assert consumed() == 0
 
 
-def test_the_ssl_redirect_is_djangos(acme, settings):
+def test_the_ssl_redirect_is_djangos(acme, settings, require_postgres):
     settings.SECURE_SSL_REDIRECT = True
     response = post(acme["raw"], consume(acme["raw"]))
     assert not response.lane and response.status_code == 301
@@ -242,3 +246,60 @@ def test_the_lane_headers_follow_the_settings(settings):
     assert ("X-Frame-Options", "SAMEORIGIN") in lane._middleware_headers(False)
     assert ("Strict-Transport-Security", "max-age=60") in lane._middleware_headers(True)
     assert not any(name == "Strict-Transport-Security" for name, _ in lane._middleware_headers(False))
+
+
+@pytest.mark.parametrize("setting, value, status", [
+    ("DISALLOWED_USER_AGENTS", [re.compile("badbot")], 403),
+    ("PREPEND_WWW", True, 301),
+])
+def test_what_common_middleware_refuses_or_redirects_is_djangos(acme, settings, require_postgres, setting, value,
+                                                                status):
+    setattr(settings, setting, value)
+    response = post(acme["raw"], consume(acme["raw"]), headers={"User-Agent": "badbot/1.0"})
+    assert not response.lane and response.status_code == status
+    assert consumed() == 0
+
+
+def test_the_lane_steps_aside_for_middleware_it_does_not_know(acme, settings, require_postgres):
+    assert ConsumeLane._header_middleware() is not None  # the project's own list: the lane takes consumes
+    settings.MIDDLEWARE = [*settings.MIDDLEWARE, "django.middleware.gzip.GZipMiddleware"]
+    assert ConsumeLane._header_middleware() is None
+    response = post(acme["raw"], consume(acme["raw"]))
+    assert not response.lane and response.status_code == 201
+    settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if "clickjacking" not in m and "gzip" not in m]
+    response = post(acme["raw"], consume(acme["raw"]))
+    assert response.lane and "X-Frame-Options" not in response  # only the headers of the middleware there are
+
+
+def test_a_body_the_client_never_finished_is_djangos(acme, require_postgres):
+    class Broken:
+        def read(self, *args):
+            raise OSError("client went away")
+
+    environ = RequestFactory().generic("POST", URL, json.dumps(consume(acme["raw"])), content_type="application/json",
+                                       headers={"Authorization": f"Bearer {acme['raw']}"}).environ
+    environ["wsgi.input"] = Broken()
+    handed = []
+    lane = ConsumeLane(lambda environ, start_response: handed.append(environ) or [])
+    with connection_kept():
+        assert lane(environ, lambda status, headers: None) == []
+    assert handed and consumed() == 0
+
+
+def test_the_lane_path_has_no_script_prefix():
+    set_script_prefix("/portal/")
+    try:
+        assert ConsumeLane(lambda environ, start_response: []).path == "/api/v1/usage"
+    finally:
+        set_script_prefix("/")
+
+
+@pytest.mark.parametrize("header", ["Bearer abc", "bearer abc", "BEARER abc", "Bearer  abc", "Bearer abc ", "Bearer",
+                                    "Bearer ", " Bearer abc", "Basic abc", "Bearerabc", "Token abc", "Bearer a\tb"])
+def test_bearer_token_is_ninjas_reading(rf, header):
+    class Echo(HttpBearer):
+        def authenticate(self, request, token):
+            return ("token", token)
+
+    ninja = Echo()(rf.post(URL, headers={"Authorization": header}))
+    assert bearer_token(header) == (ninja[1] if ninja else None)

@@ -46,13 +46,28 @@ from django.db import DatabaseError
 from django.http import HttpResponse
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
-from django.urls import reverse
+from django.urls import get_script_prefix, reverse
 from django.utils import timezone
 
 logger = logging.getLogger(__name__)
 
 # environ key: the SHA-256 of the bearer key whose rate limit the lane has counted.
 RATE_COUNTED = "capacity_portal.rate_counted"
+# The middleware whose effect on an API consume the lane reproduces (their response headers,
+# below; the SSL redirect and CommonMiddleware's refusals are handed over), or which have
+# none on it: static files only, a session and messages never touched, a CSRF-exempt API,
+# a lazy user, htmx's request attributes. With any other middleware the lane steps aside.
+_ACCOUNTED_MIDDLEWARE = {
+    "django.middleware.security.SecurityMiddleware": SecurityMiddleware,
+    "django.middleware.clickjacking.XFrameOptionsMiddleware": XFrameOptionsMiddleware,
+    "whitenoise.middleware.WhiteNoiseMiddleware": None,
+    "django.contrib.sessions.middleware.SessionMiddleware": None,
+    "django.middleware.common.CommonMiddleware": None,
+    "django.middleware.csrf.CsrfViewMiddleware": None,
+    "django.contrib.auth.middleware.AuthenticationMiddleware": None,
+    "django.contrib.messages.middleware.MessageMiddleware": None,
+    "django_htmx.middleware.HtmxMiddleware": None,
+}
 # What the response headers of SecurityMiddleware and XFrameOptionsMiddleware depend on.
 _HEADER_SETTINGS = ("SECURE_HSTS_SECONDS", "SECURE_HSTS_INCLUDE_SUBDOMAINS", "SECURE_HSTS_PRELOAD",
                     "SECURE_CONTENT_TYPE_NOSNIFF", "SECURE_REFERRER_POLICY", "SECURE_CROSS_ORIGIN_OPENER_POLICY",
@@ -74,13 +89,22 @@ class ConsumeLane:
 
     def __init__(self, app):
         self.app = app
-        self.path = reverse("api-v1:post_usage")  # (no script prefix yet: the path inside the app)
+        # The path inside the app (PATH_INFO), without any script prefix reverse() may add.
+        self.path = "/" + reverse("api-v1:post_usage")[len(get_script_prefix()):]
         self._headers = {}
+
+    @staticmethod
+    def _header_middleware() -> list | None:
+        """The configured middleware classes whose response headers the lane adds, in order;
+        None when some middleware is not one the lane accounts for."""
+        if any(name not in _ACCOUNTED_MIDDLEWARE for name in settings.MIDDLEWARE):
+            return None
+        return [_ACCOUNTED_MIDDLEWARE[name] for name in settings.MIDDLEWARE if _ACCOUNTED_MIDDLEWARE[name]]
 
     def _middleware_headers(self, secure: bool) -> list[tuple[str, str]]:
         """The headers the middleware add to an API response (a secure request's or not), found
         by running them on an empty response; they depend on nothing else but their settings."""
-        key = (secure, *(repr(getattr(settings, name)) for name in _HEADER_SETTINGS))
+        key = (secure, tuple(settings.MIDDLEWARE), *(repr(getattr(settings, name)) for name in _HEADER_SETTINGS))
         headers = self._headers.get(key)
         if headers is None:
             request = WSGIRequest({"REQUEST_METHOD": "POST", "PATH_INFO": self.path, "wsgi.input": io.BytesIO(),
@@ -88,8 +112,8 @@ class ConsumeLane:
             response = HttpResponse()
             plain = set(response.headers)
             no_response = lambda request: None  # noqa: E731 - only their process_response runs
-            for middleware in (SecurityMiddleware(no_response), XFrameOptionsMiddleware(no_response)):
-                middleware.process_response(request, response)
+            for middleware in reversed(self._header_middleware() or []):  # (responses go outwards)
+                middleware(no_response).process_response(request, response)
             headers = self._headers[key] = [(k, v) for k, v in response.items() if k not in plain]
         return headers
 
@@ -106,19 +130,23 @@ class ConsumeLane:
         except Exception:  # a bug here must not cost the request: Django answers it (replays if written)
             logger.exception("consume lane: handing the request to Django after an error")
             response = None
-        finally:
-            signals.request_finished.send(sender=self.__class__)
         if response is None:
+            signals.request_finished.send(sender=self.__class__)  # the lane's request ends; Django's begins
             return self.app(environ, start_response)
         status, headers, body = response
         start_response(status, headers)
-        return [body]
+        return _Answer(body)
 
     def _answer(self, environ) -> tuple[str, list, bytes] | None:
         """(status line, headers, body) of a consume the lane takes, or None: Django answers."""
         from . import api, fastpath
         from .errors import InvalidRequest, RateLimited, UsageError
 
+        token = bearer_token(environ.get("HTTP_AUTHORIZATION", ""))
+        if not token or len(token) > api.MAX_TOKEN_LENGTH:
+            return None
+        if settings.DISALLOWED_USER_AGENTS or settings.PREPEND_WWW or self._header_middleware() is None:
+            return None  # CommonMiddleware may refuse or redirect it; or middleware the lane does not know
         try:
             length = int(environ.get("CONTENT_LENGTH") or "")
         except ValueError:
@@ -126,7 +154,10 @@ class ConsumeLane:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         if length <= 0 or (limit is not None and length > limit):
             return None
-        body = environ["wsgi.input"].read(length)
+        try:
+            body = environ["wsgi.input"].read(length)
+        except OSError:  # the client went away: Django reads what is left
+            return None
         environ["wsgi.input"] = io.BytesIO(body)  # Django reads it again if the lane hands over
         request = WSGIRequest(environ)
         try:
@@ -134,9 +165,6 @@ class ConsumeLane:
         except DisallowedHost:
             return None
         if settings.SECURE_SSL_REDIRECT and not request.is_secure():
-            return None
-        token = bearer_token(environ.get("HTTP_AUTHORIZATION", ""))
-        if not token or len(token) > api.MAX_TOKEN_LENGTH:
             return None
         try:
             data = api.UsageIn.model_validate(json.loads(body))
@@ -167,3 +195,14 @@ class ConsumeLane:
             headers.append(("Idempotent-Replayed", "true"))
         status = HTTPStatus(outcome.status_code)
         return f"{status.value} {status.phrase}", headers, content
+
+
+class _Answer(list):
+    """The body of an answer: closed by the server after sending it, which ends the request
+    (``request_finished``) as Django's response does."""
+
+    def __init__(self, body: bytes):
+        super().__init__([body])
+
+    def close(self) -> None:
+        signals.request_finished.send(sender=ConsumeLane)
