@@ -118,10 +118,11 @@ class ConsumeLane:
         return headers
 
     def __call__(self, environ, start_response):
+        if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != self.path:
+            return self.app(environ, start_response)  # (every other request: nothing more done here)
         from . import fastpath
 
-        if (environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != self.path
-                or not fastpath.enabled()):  # (the one-statement consume: PostgreSQL, not switched off)
+        if not fastpath.enabled():  # the one-statement consume: PostgreSQL, not switched off
             return self.app(environ, start_response)
         # A request to Django's eyes: its signals (the database connection's care, among others).
         signals.request_started.send(sender=self.__class__, environ=environ)
