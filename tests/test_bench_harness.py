@@ -13,6 +13,8 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from django.test.utils import CaptureQueriesContext
 
 from bench import goals, seed, wrk
 from bench.database import SQLITE_REFUSAL, check_database_url, marker_matches
+from usage.services import _payload, fingerprint
 
 from .factories import UserFactory
 
@@ -150,6 +153,38 @@ def test_stamp_formats_utc_seconds():
     stamp = seed._Stamp()
     assert stamp(0) == "1970-01-01 00:00:00+00"
     assert stamp(1_795_483_749) == "2026-11-24 01:29:09+00"
+    for ts in range(1_795_400_000, 1_795_400_000 + 2 * 86400, 997):
+        assert stamp(ts) == datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S+00")
+
+
+def reference_event_line(h, i, n, *, slug, code, quantity, team_id, key_id, first_id, start, span):
+    """Event ``i`` of holding ``h`` the slow way: the API's payload, fingerprint and JSON texts."""
+    a = seed.AMOUNTS[i % 10]
+    user, service, job = seed.consume_fields(h, i, slug)
+    payload = _payload(code, a, None, user=user, service=service, job_id=job)
+    fp = fingerprint({"operation": "consume", **payload})
+    eid = first_id + i
+    response = {"id": eid, "product": code, "available": quantity - seed.amount_sum(i + 1),
+                "total": quantity, "kind": "consume", "quantity": a, "charged": a}
+    created = datetime.fromtimestamp(start + (i * span) // n, UTC).strftime("%Y-%m-%d %H:%M:%S+00")
+    return (f"{eid}\t{team_id}\tseed-{h}-{i}\t{fp}\tconsume\t{json.dumps(payload)}\t201\t"
+            f"{json.dumps(response)}\t{key_id}\t{created}\n")
+
+
+@pytest.mark.parametrize(("h", "slug", "code", "n", "sample"), [
+    (0, "bench-big", "bench-p00", 1_000_000, 1000),  # the big holding: its first rows
+    (57, "bench-0002", "bench-p06", 450, 450),  # all of a small one (each residue of 200 twice)
+])
+def test_event_lines_match_the_api_texts(h, slug, code, n, sample):
+    """The seed writes its events from templates: byte for byte what _payload, fingerprint and
+    json.dumps give, so a seeded event is what the API stores (a retry of its request replays)."""
+    kw = {"slug": slug, "code": code, "quantity": seed.grant_quantity(seed.amount_sum(n), low=False),
+          "team_id": 7, "key_id": 11, "first_id": 123_456, "start": 1_764_000_000, "span": 365 * 86400}
+    lines = list(islice(seed.event_lines(h, n, stamp=seed._Stamp(), **kw), sample))
+    assert lines == [reference_event_line(h, i, n, **kw) for i in range(sample)]
+    assert '"job_id": "job-' in lines[0] and '"job_id": ""' in lines[1]  # rows with a job id and without
+    with pytest.raises(ValueError, match="not plain ASCII"):  # a quote would need json.dumps's escaping
+        next(seed.event_lines(h, n, stamp=seed._Stamp(), **{**kw, "slug": 'bench-"x"'}))
 
 
 # -- the floor views ----------------------------------------------------------------------
