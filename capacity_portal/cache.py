@@ -7,10 +7,12 @@ request. Here a client is built once per connection pool (``redis.Redis`` is saf
 each command takes a connection from the pool), and ``count`` is one atomic round trip.
 Everything else is Django's backend unchanged.
 
-``count`` runs on every API request, so it talks to its own connection (one per thread and
-process, made from the pool's settings) directly: redis-py's command path (taking and
-returning a pooled connection, a readiness poll, its retry wrapper and argument checks)
-cost about three times the round trip itself. A broken connection is reconnected and the
+``count`` runs on every API request when the rate limit is counted in the cache (the
+database is not PostgreSQL; on PostgreSQL it is counted there, see ``usage.api.check_rate``),
+so it talks to its own connection (one per thread and process, made from the pool's
+settings) directly: redis-py's command path (taking and returning a pooled connection, a
+readiness poll, its retry wrapper and argument checks) cost about three times the round
+trip itself. A broken connection is reconnected and the
 command sent once more; a timeout is not retried (the server may have counted already).
 """
 

@@ -283,6 +283,7 @@ CELERY_BEAT_SCHEDULE: dict = {
     "rollups-verify-day": {"task": "usage.rollups_verify_recent", "schedule": 24 * 60 * 60, "args": (26,)},
     "ledger-reconcile": {"task": "usage.ledger_reconcile", "schedule": 24 * 60 * 60},
     "events-prune": {"task": "usage.events_prune", "schedule": 24 * 60 * 60},
+    "api-rates-prune": {"task": "usage.api_rates_prune", "schedule": 60 * 60},
 }
 
 CACHES = {

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
 from products.selectors import team_balances
 from teams.models import ApiKey
 from teams.services import api_key_create
+from usage import api as usage_api
 from usage.models import Event, Kind, LedgerEntry
 
 from .conftest import key
@@ -40,6 +43,7 @@ class ApiClient:
 
     def __init__(self, raw_key: str | None):
         self.client = Client()
+        self.key_hash = ApiKey.hash(raw_key) if raw_key else None
         self.headers = {"Authorization": f"Bearer {raw_key}"} if raw_key else {}
 
     def post(self, path: str, body, headers: dict | None = None):
@@ -580,9 +584,27 @@ def test_rate_limit_zero_means_unlimited(acme, settings, own_cache):
         assert acme["api"].get("/balances").status_code == 200
 
 
-def test_rate_limit_counts_in_redis_when_configured(acme, settings, require_redis, one_window):
-    """The counter shared by all workers: the same fixed window, stored in Redis."""
+def test_rate_limit_counts_in_postgresql(acme, settings, require_postgres, one_window):
+    """On PostgreSQL the counter shared by all workers is in the database (usage_apirate):
+    one row per key hash, its window and its count; nothing in the cache."""
+    settings.API_RATE_LIMIT_PER_MINUTE = 3
+    assert acme["api"].usage().status_code == 201  # (through the lane: counted in the consume's statement)
+    assert acme["api"].get("/balances").status_code == 200
+    assert acme["api"].usage(quantity=10**9).status_code == 409  # rolled back in the lane, counted by Django
+    limited = acme["api"].get("/balances")
+    assert_error(limited, 429, "rate_limited")
+    assert 1 <= int(limited["Retry-After"]) <= 60
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT win, n FROM usage_apirate WHERE key_hash = %s", [acme["api"].key_hash])
+        assert cursor.fetchall() == [(int(time.time() // 60), 4)]
+
+
+def test_rate_limit_counts_in_redis_when_configured(acme, settings, require_redis, one_window, monkeypatch):
+    """Without PostgreSQL the counter shared by all workers is in the cache: the same fixed
+    window, stored in Redis."""
     import redis
+
+    monkeypatch.setattr(usage_api, "counts_in_database", lambda: False)
 
     prefix = f"test-{key()}"
     settings.CACHES = {"default": {"BACKEND": "capacity_portal.cache.RedisCache",
@@ -599,7 +621,8 @@ def test_rate_limit_counts_in_redis_when_configured(acme, settings, require_redi
     assert 60 < client.ttl(stored[0]) <= 120 and int(client.get(stored[0])) == 3  # expires by itself
 
 
-def test_rate_limit_fails_open_when_the_cache_is_down(acme, settings, caplog):
+def test_rate_limit_fails_open_when_the_cache_is_down(acme, settings, caplog, monkeypatch):
+    monkeypatch.setattr(usage_api, "counts_in_database", lambda: False)  # (the cache counts without PostgreSQL)
     settings.CACHES = {"default": {"BACKEND": "capacity_portal.cache.RedisCache",
                                    "LOCATION": "redis://127.0.0.1:1/0"}}  # nothing listens there
     settings.API_RATE_LIMIT_PER_MINUTE = 1

@@ -10,6 +10,7 @@ lot has to expire or a monthly period to open, and write nothing when it refuses
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -179,9 +180,12 @@ def _api_consume(client, team, *, key: str):
 
 
 def test_api_consume_is_one_statement(world, client):
-    """The key (with last_used_at), the product and the write: no other query, no
-    transaction statements."""
+    """The rate count, the key (with last_used_at), the product and the write: one
+    statement through the consume lane; through Django's cycle the API's auth counts the
+    request first. No other query, no transaction statements."""
     from django.utils import timezone
+
+    from .lane import through_lane
 
     now = timezone.now()
     grant_create(team=world["team"], product=world["tokens"], quantity=100, source=Source.PURCHASE,
@@ -189,6 +193,17 @@ def test_api_consume_is_one_statement(world, client):
     usage_consume(team=world["team"], product=world["tokens"], quantity=1, idempotency_key="warm", actor=ACTOR)
     response, queries = _api_consume(client, world["team"], key="api-1")
     assert response.status_code == 201, response.content
+    sql = [q["sql"] for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]]
+    assert len(sql) == 2, sql
+    assert "usage_api_rate_count" in sql[0] and "usage_consume_api" in sql[1]
+
+    from teams.services import api_key_create
+
+    raw = api_key_create(team=world["team"], name="lane")[1]
+    body = {"product": "cloud-tokens", "kind": "consume", "quantity": 2, "idempotency_key": "api-2"}
+    with CaptureQueriesContext(connection) as queries:
+        response = through_lane("POST", "/api/v1/usage", json.dumps(body), headers={"Authorization": f"Bearer {raw}"})
+    assert response.status_code == 201 and response.lane, response.content
     sql = [q["sql"] for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]]
     assert len(sql) == 1, sql
     assert "usage_consume_api" in sql[0]

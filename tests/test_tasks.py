@@ -230,7 +230,7 @@ def test_run_periodic_once_does_the_work_in_process(world, django_capture_on_com
     grant = monthly_grant_40_days_old(world)
     with django_capture_on_commit_callbacks(execute=True):
         call_command("run_periodic", "--once")
-    assert "ran 7 periodic jobs" in capsys.readouterr().out
+    assert "ran 8 periodic jobs" in capsys.readouterr().out
     assert LedgerEntry.objects.filter(grant=grant, kind=Kind.REFRESH).count() == 1
 
 

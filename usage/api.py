@@ -23,7 +23,7 @@ import pydantic
 from django.conf import settings
 from django.core.cache import DEFAULT_CACHE_ALIAS, caches
 from django.core.exceptions import RequestDataTooBig
-from django.db import DatabaseError, OperationalError, connection
+from django.db import DatabaseError, OperationalError, ProgrammingError, connection, transaction
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.urls import re_path
@@ -263,10 +263,9 @@ class ApiKeyAuth(HttpBearer):
             return None
         if self.defer_lookup:
             bearer = BearerKey(token)
-            if request.META.get(RATE_COUNTED) == bearer.hashed:
-                return bearer  # the consume lane counted this request already
+            counted = request.META.get(RATE_COUNTED)  # (key hash, count): the consume lane counted it
             try:
-                check_rate(bearer.hashed)
+                check_rate(bearer.hashed, counted=counted[1] if counted and counted[0] == bearer.hashed else None)
             except RateLimited:
                 if bearer.api_key() is None:
                     return None
@@ -347,21 +346,26 @@ _ACTIVE_KEY_SQL = (
 )
 
 
-def check_rate(key_hash: str) -> None:
+def check_rate(key_hash: str, *, counted: int | None = None) -> None:
     """Fixed one-minute window per key (by the SHA-256 of its secret: known before the
-    key is looked up), counted in the cache (shared when it is Redis)."""
+    key is looked up). On PostgreSQL it is counted in the database (migration
+    ``usage.0009``: no round trip to another server; the consume lane counts in the
+    consume's own statement and passes its ``counted``), elsewhere in the cache (shared
+    when it is Redis)."""
     limit = settings.API_RATE_LIMIT_PER_MINUTE
     if not limit:
         return
     now = time.time()
     window = int(now // 60)
-    name = f"api-rate:{key_hash}:{window}"
-    try:
-        count = _count(name)
-    except Exception:  # noqa: BLE001 (the cache is down: serve without a limit rather than fail)
-        logger.warning("rate limit not applied: the cache is unavailable", exc_info=True)
-        return
-    if count > limit:
+    if counted is None and counts_in_database():
+        counted = _count_in_database(key_hash, window)
+    if counted is None:
+        try:
+            counted = _count_in_cache(f"api-rate:{key_hash}:{window}")
+        except Exception:  # noqa: BLE001 (the cache is down: serve without a limit rather than fail)
+            logger.warning("rate limit not applied: the cache is unavailable", exc_info=True)
+            return
+    if counted > limit:
         retry_after = max(1, math.ceil((window + 1) * 60 - now))
         raise RateLimited(
             f"Rate limit of {limit} requests per minute exceeded; retry in {retry_after} s.",
@@ -369,7 +373,40 @@ def check_rate(key_hash: str) -> None:
         )
 
 
-def _count(name: str) -> int:
+def counts_in_database() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def statement_rate() -> fastpath.RateCount | None:
+    """The rate count a consume's statement makes itself (``fastpath.consume_with_key``);
+    None when there is no limit."""
+    limit = settings.API_RATE_LIMIT_PER_MINUTE
+    if not limit or not counts_in_database():
+        return None
+    return fastpath.RateCount(window=int(time.time() // 60), limit=limit)
+
+
+def _count_in_database(key_hash: str, window: int) -> int | None:
+    """The request's count in ``window``; None when the function is not there yet (deployed
+    before its migration ran: the cache counts meanwhile)."""
+    try:
+        if connection.in_atomic_block or not connection.get_autocommit():
+            with transaction.atomic(), connection.cursor() as cursor:  # (a savepoint)
+                cursor.execute(RATE_SQL, [key_hash, window])
+                return cursor.fetchone()[0]
+        with connection.cursor() as cursor:
+            cursor.execute(RATE_SQL, [key_hash, window])
+            return cursor.fetchone()[0]
+    except ProgrammingError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) == fastpath.UNDEFINED_FUNCTION:
+            return None
+        raise
+
+
+RATE_SQL = "SELECT usage_api_rate_count(%s, %s)"
+
+
+def _count_in_cache(name: str) -> int:
     backend = caches[DEFAULT_CACHE_ALIAS]  # (the proxy ``cache`` looks it up on every attribute)
     count = getattr(backend, "count", None)
     if count is not None:  # capacity_portal.cache.RedisCache: one atomic round trip
@@ -636,14 +673,15 @@ def post_usage(request: HttpRequest, data: UsageIn):
     return json_response(request, outcome)
 
 
-def consume_with_key(key_hash: str, data: UsageIn) -> Outcome | None:
+def consume_with_key(key_hash: str, data: UsageIn, *, rate: fastpath.RateCount | None = None) -> Outcome | None:
     """A consume by the API key whose SHA-256 is ``key_hash``, in one round trip (see
-    ``usage_consume_with_key``); None when that path does not apply."""
+    ``usage_consume_with_key``), counted against the key's rate limit there too with
+    ``rate``; None when that path does not apply."""
     now = timezone.now()
     return usage_consume_with_key(
         key_hash=key_hash, key_stale=now - LAST_USED_EVERY, product_code=data.product, quantity=data.quantity,
         idempotency_key=data.idempotency_key, user=data.user, service=data.service, job_id=data.job_id,
-        occurred_at=data.occurred_at, now=now,
+        occurred_at=data.occurred_at, now=now, rate=rate,
     )
 
 

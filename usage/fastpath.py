@@ -14,6 +14,7 @@ caller's transaction usable.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
@@ -34,8 +35,9 @@ UNDEFINED_FUNCTION = "42883"
 UNKNOWN_TIME_ZONE = "22023"
 
 SQL = "SELECT * FROM usage_consume_fast(" + ", ".join(["%s"] * 17) + ")"
-# The API's consume with its bearer key's lookup (migration usage.0007).
-KEY_SQL = "SELECT * FROM usage_consume_api(" + ", ".join(["%s"] * 14) + ")"
+# The API's consume with its bearer key's lookup, and the key's rate count when asked
+# (migrations usage.0007, usage.0009).
+KEY_SQL = "SELECT * FROM usage_consume_api(" + ", ".join(["%s"] * 16) + ")"
 
 
 class Fallback(Exception):  # noqa: N818 - a signal, not an error
@@ -43,7 +45,23 @@ class Fallback(Exception):  # noqa: N818 - a signal, not an error
 
 
 class KeyRejected(Exception):  # noqa: N818 - a signal, not an error
-    """No unrevoked API key has this hash (nothing was written)."""
+    """No unrevoked API key has this hash (nothing was written but the rate count)."""
+
+
+class OverLimit(Exception):  # noqa: N818 - a signal, not an error
+    """The key's rate count (committed) is over the limit: nothing else was done."""
+
+
+@dataclass
+class RateCount:
+    """The request's count against its key's rate limit, made by the consume's statement:
+    in the one-minute ``window``, refused over ``limit`` (0: no limit). ``count`` is set
+    once the statement has counted and committed (whatever its outcome); it stays None
+    when the statement rolled back (raised), so that the request is counted elsewhere."""
+
+    window: int
+    limit: int
+    count: int | None = None
 
 
 def enabled() -> bool:
@@ -69,20 +87,29 @@ def consume(*, team: Team, product_code: str, unit: str, quantity: int, key: str
 
 def consume_with_key(*, key_hash: str, stale: datetime, product_code: str, quantity: int, key: str,
                      fingerprint: str, payload: dict, user: str, service: str, job_id: str,
-                     occurred_at: datetime, now: datetime, wall: datetime) -> tuple[int, dict, bool, int]:
+                     occurred_at: datetime, now: datetime, wall: datetime,
+                     rate: RateCount | None = None) -> tuple[int, dict, bool, int]:
     """:func:`consume` for the API key whose SHA-256 is ``key_hash``, found in the same
     statement (with its team, and its ``last_used_at`` written when older than ``stale``):
-    the key is the actor, the day is the team's local day of ``occurred_at``.
+    the key is the actor, the day is the team's local day of ``occurred_at``. With
+    ``rate``, the statement first counts the request against the key's rate limit (and
+    sets ``rate.count``).
 
-    Raises :class:`KeyRejected` when no unrevoked key has the hash, besides what
-    :func:`consume` raises. A product the team does not hold is ``not_found``.
+    Raises :class:`OverLimit` past the limit and :class:`KeyRejected` when no unrevoked
+    key has the hash, besides what :func:`consume` raises. A product the team does not
+    hold is ``not_found``.
     """
     params = [key_hash, stale, product_code, quantity, key, fingerprint, json.dumps(payload),
-              user, user.lower(), service, job_id, occurred_at, now, wall]
+              user, user.lower(), service, job_id, occurred_at, now, wall,
+              rate.window if rate else None, rate.limit if rate else 0]
     row = _execute(KEY_SQL, params, product_code=product_code, unit=None, quantity=quantity)
+    if rate is not None:
+        rate.count = row[6]
+    if row[0] == "rate_limited":
+        raise OverLimit
     if row[0] == "unauthorized":
         raise KeyRejected
-    return _answer(row, product_code=product_code, quantity=quantity, not_held_is_not_found=True)
+    return _answer(row[:6], product_code=product_code, quantity=quantity, not_held_is_not_found=True)
 
 
 def _execute(sql: str, params: list, *, product_code: str, unit: str | None, quantity: int) -> tuple:

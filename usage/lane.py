@@ -22,9 +22,12 @@ headers the middleware give an API response (SecurityMiddleware, XFrameOptionsMi
 a Content-Length). ``tests/test_consume_lane.py`` holds its answers to Django's, headers
 included, and runs the API's tests through it.
 
-The per-key rate limit is counted once: a consume the lane counted and then hands over
-carries :data:`RATE_COUNTED` in its environ (not an ``HTTP_`` key, so no request header
-can set it) and the API's auth does not count it again.
+The per-key rate limit is counted once, by the consume's own statement (no round trip of
+its own): a consume whose count was committed and which the lane then hands over (over the
+limit, a bad key, a conflict) carries :data:`RATE_COUNTED` in its environ (not an ``HTTP_``
+key, so no request header can set it) with its count, and the API's auth does not count it
+again; a statement that raised (a refusal, a hand-over) rolled its count back, and the
+API's auth counts the request.
 
 PostgreSQL only (the one-round-trip consume); elsewhere, and under ASGI, Django serves
 every request.
@@ -51,7 +54,7 @@ from django.utils import timezone
 
 logger = logging.getLogger(__name__)
 
-# environ key: the SHA-256 of the bearer key whose rate limit the lane has counted.
+# environ key: (the SHA-256 of the bearer key, the count) of a request the lane has counted.
 RATE_COUNTED = "capacity_portal.rate_counted"
 # The middleware whose effect on an API consume the lane reproduces (their response headers,
 # below; the SSL redirect and CommonMiddleware's refusals are handed over), or which have
@@ -141,7 +144,7 @@ class ConsumeLane:
     def _answer(self, environ) -> tuple[str, list, bytes] | None:
         """(status line, headers, body) of a consume the lane takes, or None: Django answers."""
         from . import api, fastpath
-        from .errors import InvalidRequest, RateLimited, UsageError
+        from .errors import InvalidRequest, UsageError
 
         token = bearer_token(environ.get("HTTP_AUTHORIZATION", ""))
         if not token or len(token) > api.MAX_TOKEN_LENGTH:
@@ -178,15 +181,16 @@ class ConsumeLane:
         except InvalidRequest:
             return None
         hashed = api.ApiKey.hash(token)
+        rate = api.statement_rate()  # the consume's statement counts the request against the key's limit
         try:
-            api.check_rate(hashed)
-        except RateLimited:  # Django counts it again (still over) and answers 429, or 401 to a bad key
+            outcome = api.consume_with_key(hashed, data, rate=rate)
+        except (fastpath.OverLimit, fastpath.KeyRejected, UsageError, DatabaseError):
+            # Django answers: 429 or 401 (over the limit), 401 (a bad key), the refusal. A count
+            # the statement committed goes with the request; a rolled-back one is made again there.
             return None
-        environ[RATE_COUNTED] = hashed
-        try:
-            outcome = api.consume_with_key(hashed, data)
-        except (fastpath.KeyRejected, UsageError, DatabaseError):
-            return None
+        finally:
+            if rate is not None and rate.count is not None:
+                environ[RATE_COUNTED] = (hashed, rate.count)
         if outcome is None:  # something is due on the balance: the Python path
             return None
         content = api.render(outcome.body)

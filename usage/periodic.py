@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Exists, Max, Min, OuterRef, Q, Sum
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
@@ -329,4 +329,22 @@ def events_prune(*, now: datetime | None = None, batch: int = 1000) -> int:
             break
     if deleted:
         logger.info("pruned %d idempotency records older than %s", deleted, cutoff)
+    return deleted
+
+
+# -- API rate counts (hourly) -------------------------------------------------------------
+
+
+def api_rates_prune(*, now: datetime | None = None) -> int:
+    """Delete the per-key rate counts (PostgreSQL, migration ``usage.0009``) of windows
+    before the last minute: a key's row comes back with its next request. Unknown keys
+    are counted too, so without this the table would keep every token ever tried."""
+    if connection.vendor != "postgresql":
+        return 0
+    window = int((now or timezone.now()).timestamp() // 60)
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM usage_apirate WHERE win < %s", [window - 1])
+        deleted = cursor.rowcount
+    if deleted:
+        logger.info("api_rates_prune: deleted %s rate counts", deleted)
     return deleted

@@ -180,9 +180,11 @@ def usage_consume(*, team: Team, product: Product, quantity: int, idempotency_ke
 
 def usage_consume_with_key(*, key_hash: str, key_stale: datetime, product_code: str, quantity: int,
                            idempotency_key: str, user: str = "", service: str = "", job_id: str = "",
-                           occurred_at: datetime | None = None, now: datetime | None = None) -> Outcome | None:
+                           occurred_at: datetime | None = None, now: datetime | None = None,
+                           rate: fastpath.RateCount | None = None) -> Outcome | None:
     """The API's consume: its key (by hash) and the product (by code) are found in the
-    same single round trip, the key is the actor.
+    same single round trip, the key is the actor. With ``rate``, the same statement counts
+    the request against the key's rate limit (see ``fastpath.consume_with_key``).
 
     A product the key's team does not hold is ``NotFound``; a key that is unknown or
     revoked raises ``fastpath.KeyRejected`` (nothing written). None when the
@@ -200,7 +202,7 @@ def usage_consume_with_key(*, key_hash: str, key_stale: datetime, product_code: 
         status, body, replayed, event_id = fastpath.consume_with_key(
             key_hash=key_hash, stale=key_stale, product_code=product_code, quantity=quantity, key=idempotency_key,
             fingerprint=fingerprint({"operation": "consume", **payload}), payload=payload, user=user,
-            service=service, job_id=job_id, occurred_at=at, now=now, wall=timezone.now(),
+            service=service, job_id=job_id, occurred_at=at, now=now, wall=timezone.now(), rate=rate,
         )
     except fastpath.Fallback:
         return None

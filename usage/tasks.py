@@ -156,3 +156,11 @@ def alerts_check_all() -> int:
 @shared_task(name="usage.events_prune")
 def events_prune() -> int:
     return periodic.events_prune()
+
+
+# -- API rate counts (hourly) -------------------------------------------------------------
+
+
+@shared_task(name="usage.api_rates_prune")
+def api_rates_prune() -> int:
+    return periodic.api_rates_prune()
