@@ -586,7 +586,7 @@ def test_rate_limit_zero_means_unlimited(acme, settings, own_cache):
 
 def test_rate_limit_counts_in_postgresql(acme, settings, require_postgres, one_window):
     """On PostgreSQL the counter shared by all workers is in the database (usage_apirate):
-    one row per key hash, its window and its count; nothing in the cache."""
+    one row per key hash, its window and its count."""
     settings.API_RATE_LIMIT_PER_MINUTE = 3
     assert acme["api"].usage().status_code == 201  # (through the lane: counted in the consume's statement)
     assert acme["api"].get("/balances").status_code == 200

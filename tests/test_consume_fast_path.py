@@ -185,6 +185,8 @@ def test_api_consume_is_one_statement(world, client):
     request first. No other query, no transaction statements."""
     from django.utils import timezone
 
+    from teams.models import ApiKey
+
     from .lane import through_lane
 
     now = timezone.now()
@@ -207,6 +209,9 @@ def test_api_consume_is_one_statement(world, client):
     sql = [q["sql"] for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]]
     assert len(sql) == 1, sql
     assert "usage_consume_api" in sql[0]
+    with connection.cursor() as cursor:  # ... and that statement counted the request against the key's limit
+        cursor.execute("SELECT n FROM usage_apirate WHERE key_hash = %s", [ApiKey.hash(raw)])
+        assert cursor.fetchall() == [(1,)]
 
 
 def test_expired_lot_hands_over_to_the_python_path(tokens):

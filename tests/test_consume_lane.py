@@ -147,11 +147,12 @@ def test_an_error_in_the_lane_hands_the_request_to_django(acme, monkeypatch, cap
     assert "handing the request to Django" in caplog.text
 
 
-def test_something_due_on_the_balance_goes_to_the_python_path(acme, monkeypatch, require_postgres):
-    monkeypatch.setattr(usage_api, "consume_with_key", lambda key_hash, data: None)  # as when a lot is due
+def test_something_due_on_the_balance_goes_to_the_python_path(acme, monkeypatch, require_postgres, caplog):
+    monkeypatch.setattr(usage_api, "consume_with_key", lambda key_hash, data, rate=None: None)  # as when a lot is due
     response = post(acme["raw"], consume(acme["raw"]))
     assert not response.lane and response.status_code == 201
     assert consumed() == 1
+    assert "handing the request to Django after an error" not in caplog.text  # (a plain hand-over, no bug)
 
 
 # -- what it hands to Django -----------------------------------------------------------------------

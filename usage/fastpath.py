@@ -28,6 +28,7 @@ from .errors import insufficient_balance, key_reused, returnable_not_consumable,
 
 FALLBACK = "22X01"  # something is due on the balance: run the Python path
 INSUFFICIENT = "22X02"  # the message is the available amount
+OVER_LIMIT = "22X03"  # counted last and over the key's rate limit: all rolled back (usage.0010)
 # Deployed before its migration ran: no function yet, the Python path still works.
 UNDEFINED_FUNCTION = "42883"
 # A team time zone this server's time zone data does not know (zoneinfo validated it):
@@ -49,7 +50,9 @@ class KeyRejected(Exception):  # noqa: N818 - a signal, not an error
 
 
 class OverLimit(Exception):  # noqa: N818 - a signal, not an error
-    """The key's rate count (committed) is over the limit: nothing else was done."""
+    """Over the key's rate limit: either counted (committed, ``RateCount.count`` set) and
+    refused before anything else, or counted last and rolled back with everything else
+    (``RateCount.count`` None: the request is to be counted where it is refused)."""
 
 
 @dataclass
@@ -95,7 +98,7 @@ def consume_with_key(*, key_hash: str, stale: datetime, product_code: str, quant
     ``rate``, the statement first counts the request against the key's rate limit (and
     sets ``rate.count``).
 
-    Raises :class:`OverLimit` past the limit and :class:`KeyRejected` when no unrevoked
+    Raises :class:`OverLimit` past the limit (see there) and :class:`KeyRejected` when no unrevoked
     key has the hash, besides what :func:`consume` raises. A product the team does not
     hold is ``not_found``.
     """
@@ -126,6 +129,8 @@ def _execute(sql: str, params: list, *, product_code: str, unit: str | None, qua
         sqlstate = getattr(exc.__cause__, "sqlstate", None)
         if sqlstate in (FALLBACK, UNDEFINED_FUNCTION, UNKNOWN_TIME_ZONE):
             raise Fallback(str(exc.__cause__)) from None
+        if sqlstate == OVER_LIMIT:
+            raise OverLimit from None
         if sqlstate == INSUFFICIENT:
             available = int(str(exc.__cause__.diag.message_primary))
             if unit is None:

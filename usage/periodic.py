@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, ProgrammingError, connection, transaction
 from django.db.models import Exists, Max, Min, OuterRef, Q, Sum
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
@@ -342,9 +342,14 @@ def api_rates_prune(*, now: datetime | None = None) -> int:
     if connection.vendor != "postgresql":
         return 0
     window = int((now or timezone.now()).timestamp() // 60)
-    with connection.cursor() as cursor:
-        cursor.execute("DELETE FROM usage_apirate WHERE win < %s", [window - 1])
-        deleted = cursor.rowcount
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("DELETE FROM usage_apirate WHERE win < %s", [window - 1])
+            deleted = cursor.rowcount
+    except ProgrammingError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) == "42P01":  # deployed before its migration ran
+            return 0
+        raise
     if deleted:
         logger.info("api_rates_prune: deleted %s rate counts", deleted)
     return deleted
