@@ -23,7 +23,7 @@ import pydantic
 from django.conf import settings
 from django.core.cache import DEFAULT_CACHE_ALIAS, caches
 from django.core.exceptions import RequestDataTooBig
-from django.db import DatabaseError, OperationalError, ProgrammingError, connection, transaction
+from django.db import DatabaseError, OperationalError, ProgrammingError, connection
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.urls import re_path
@@ -386,24 +386,18 @@ def statement_rate() -> fastpath.RateCount | None:
     return fastpath.RateCount(window=int(time.time() // 60), limit=limit)
 
 
+RATE_SQL = "SELECT usage_api_rate_count(%s, %s)"
+
+
 def _count_in_database(key_hash: str, window: int) -> int | None:
     """The request's count in ``window``; None when the function is not there yet (deployed
     before its migration ran: the cache counts meanwhile)."""
     try:
-        if connection.in_atomic_block or not connection.get_autocommit():
-            with transaction.atomic(), connection.cursor() as cursor:  # (a savepoint)
-                cursor.execute(RATE_SQL, [key_hash, window])
-                return cursor.fetchone()[0]
-        with connection.cursor() as cursor:
-            cursor.execute(RATE_SQL, [key_hash, window])
-            return cursor.fetchone()[0]
+        return fastpath.statement_row(RATE_SQL, [key_hash, window])[0]
     except ProgrammingError as exc:
         if getattr(exc.__cause__, "sqlstate", None) == fastpath.UNDEFINED_FUNCTION:
             return None
         raise
-
-
-RATE_SQL = "SELECT usage_api_rate_count(%s, %s)"
 
 
 def _count_in_cache(name: str) -> int:

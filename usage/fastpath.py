@@ -37,7 +37,7 @@ UNKNOWN_TIME_ZONE = "22023"
 
 SQL = "SELECT * FROM usage_consume_fast(" + ", ".join(["%s"] * 17) + ")"
 # The API's consume with its bearer key's lookup, and the key's rate count when asked
-# (migrations usage.0007, usage.0009).
+# (migrations usage.0007, usage.0009, usage.0010).
 KEY_SQL = "SELECT * FROM usage_consume_api(" + ", ".join(["%s"] * 16) + ")"
 
 
@@ -95,12 +95,12 @@ def consume_with_key(*, key_hash: str, stale: datetime, product_code: str, quant
     """:func:`consume` for the API key whose SHA-256 is ``key_hash``, found in the same
     statement (with its team, and its ``last_used_at`` written when older than ``stale``):
     the key is the actor, the day is the team's local day of ``occurred_at``. With
-    ``rate``, the statement first counts the request against the key's rate limit (and
-    sets ``rate.count``).
+    ``rate``, the statement also counts the request against the key's rate limit (and
+    sets ``rate.count``; see :class:`RateCount`).
 
-    Raises :class:`OverLimit` past the limit (see there) and :class:`KeyRejected` when no unrevoked
-    key has the hash, besides what :func:`consume` raises. A product the team does not
-    hold is ``not_found``.
+    Raises :class:`OverLimit` past the limit (see there) and :class:`KeyRejected` when no
+    unrevoked key has the hash, besides what :func:`consume` raises. A product the team
+    does not hold is ``not_found``.
     """
     params = [key_hash, stale, product_code, quantity, key, fingerprint, json.dumps(payload),
               user, user.lower(), service, job_id, occurred_at, now, wall,
@@ -115,16 +115,23 @@ def consume_with_key(*, key_hash: str, stale: datetime, product_code: str, quant
     return _answer(row[:6], product_code=product_code, quantity=quantity, not_held_is_not_found=True)
 
 
+def statement_row(sql: str, params: list) -> tuple:
+    """The first row of one statement: in autocommit its own transaction (no BEGIN or
+    COMMIT round trips), inside a transaction in a savepoint (an error leaves the caller's
+    transaction usable)."""
+    if connection.in_atomic_block or not connection.get_autocommit():
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchone()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
+
+
 def _execute(sql: str, params: list, *, product_code: str, unit: str | None, quantity: int) -> tuple:
     """The function's row; its refusals as UsageErrors (``unit`` None: looked up only then)."""
     try:
-        if connection.in_atomic_block or not connection.get_autocommit():
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(sql, params)
-                return cursor.fetchone()
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            return cursor.fetchone()
+        return statement_row(sql, params)
     except DatabaseError as exc:
         sqlstate = getattr(exc.__cause__, "sqlstate", None)
         if sqlstate in (FALLBACK, UNDEFINED_FUNCTION, UNKNOWN_TIME_ZONE):

@@ -24,10 +24,11 @@ included, and runs the API's tests through it.
 
 The per-key rate limit is counted once, by the consume's own statement (no round trip of
 its own; see migrations ``usage.0009`` and ``usage.0010``): a consume whose count was
-committed and which the lane then hands over (over the limit, a bad key, a conflict) carries :data:`RATE_COUNTED` in its environ (not an ``HTTP_``
-key, so no request header can set it) with its count, and the API's auth does not count it
-again; a statement that raised (a refusal, a hand-over) rolled its count back, and the
-API's auth counts the request.
+committed and which the lane then hands over (over the limit, a bad key, a conflict)
+carries :data:`RATE_COUNTED` in its environ (not an ``HTTP_`` key, so no request header
+can set it) with its count, and the API's auth does not count it again; a statement that
+raised (a refusal, a hand-over) rolled its count back, and the API's auth counts the
+request.
 
 PostgreSQL only (the one-round-trip consume); elsewhere, and under ASGI, Django serves
 every request.
