@@ -5,6 +5,12 @@ index already leads with that column (the unique ``(team, ...)`` constraints, th
 ``(team, product, ...)`` indexes). Django's ``AlterField(db_index=False)`` would also
 drop and re-add the foreign key, which validates the whole table under a lock that
 stops writes (minutes on a large ledger); this drops the index alone.
+
+``index_foreign_keys_where_set``: a mostly-empty foreign key's one-column index replaced
+by a partial one of the rows where it is set. A delete's foreign key check (``col = x``)
+uses it all the same; the rows without a value write no index entry. On PostgreSQL both
+steps run ``CONCURRENTLY`` (writes go on while the index is built), so the migration
+holding it must be ``atomic = False``.
 """
 
 from __future__ import annotations
@@ -31,3 +37,56 @@ def drop_covered_indexes(*fields: tuple[str, str, str]) -> migrations.RunPython:
             schema_editor.execute(schema_editor._create_index_sql(model, fields=[field]))
 
     return migrations.RunPython(forwards, backwards)
+
+
+def index_foreign_keys_where_set(*fields: tuple[str, str, str, str]) -> migrations.RunPython:
+    """``RunPython`` replacing, for each ``(app_label, model, field, index name)``, the
+    one-column index Django made for the field by the partial index ``index name`` on the
+    same column ``WHERE column IS NOT NULL`` (built before the old one goes, so a foreign
+    key check always has one). Reversed: Django's index again, then the partial one goes."""
+
+    def forwards(apps, schema_editor):
+        concurrently = _concurrently(schema_editor)
+        for app_label, model_name, field_name, name in fields:
+            table, column, django_name = _index_names(apps, schema_editor, app_label, model_name, field_name)
+            q = schema_editor.quote_name
+            _drop_invalid(schema_editor, name)
+            schema_editor.execute(f"CREATE INDEX {concurrently}IF NOT EXISTS {q(name)} ON {q(table)} ({q(column)}) "
+                                  f"WHERE {q(column)} IS NOT NULL")
+            schema_editor.execute(f"DROP INDEX {concurrently}IF EXISTS {q(django_name)}")
+
+    def backwards(apps, schema_editor):
+        concurrently = _concurrently(schema_editor)
+        for app_label, model_name, field_name, name in fields:
+            table, column, django_name = _index_names(apps, schema_editor, app_label, model_name, field_name)
+            q = schema_editor.quote_name
+            _drop_invalid(schema_editor, django_name)
+            schema_editor.execute(f"CREATE INDEX {concurrently}IF NOT EXISTS {q(django_name)} ON {q(table)} ({q(column)})")
+            schema_editor.execute(f"DROP INDEX {concurrently}IF EXISTS {q(name)}")
+
+    return migrations.RunPython(forwards, backwards)
+
+
+def _concurrently(schema_editor) -> str:
+    return "CONCURRENTLY " if schema_editor.connection.vendor == "postgresql" else ""
+
+
+def _index_names(apps, schema_editor, app_label: str, model_name: str, field_name: str) -> tuple[str, str, str]:
+    """(table, column, the name of the index Django makes for the field)."""
+    model = apps.get_model(app_label, model_name)
+    column = model._meta.get_field(field_name).column
+    table = model._meta.db_table
+    return table, column, schema_editor._create_index_name(table, [column], suffix="")
+
+
+def _drop_invalid(schema_editor, name: str) -> None:
+    """A ``CREATE INDEX CONCURRENTLY`` that failed (or was cancelled) leaves an invalid
+    index behind, which ``IF NOT EXISTS`` would take for a built one: dropped first."""
+    if schema_editor.connection.vendor != "postgresql":
+        return
+    with schema_editor.connection.cursor() as cursor:
+        cursor.execute("SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                       "WHERE c.relname = %s AND c.relnamespace = current_schema()::regnamespace", [name])
+        row = cursor.fetchone()
+    if row and row[0]:
+        schema_editor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {schema_editor.quote_name(name)}")

@@ -46,14 +46,18 @@ class Event(models.Model):
     status_code = models.PositiveSmallIntegerField(default=0)
     response = models.JSONField(default=dict)
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    # Set for a signed-in user's requests only (not the API's): indexed where set (Meta).
     actor_user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False
     )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     objects = EventQuerySet.as_manager()
 
     class Meta:
+        indexes = [
+            models.Index(fields=["actor_user"], condition=Q(actor_user__isnull=False), name="event_actor_user_set"),
+        ]
         constraints = [
             models.UniqueConstraint(fields=["team", "key"], name="event_team_key_unique"),
         ]
@@ -121,18 +125,24 @@ class LedgerEntry(models.Model):
     occurred_at = models.DateTimeField()
     recorded_at = models.DateTimeField(auto_now_add=True)
     actor = models.CharField(max_length=300, blank=True, help_text="Who wrote it: user or API key.")
+    # actor_user, member and checkout are mostly empty (the API's rows have no signed-in
+    # user; only checkouts have a checkout): indexed where set (Meta), for the foreign key
+    # checks of a delete, so that the empty ones write no index entry.
     actor_user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False
     )
     actor_api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     user = models.CharField(max_length=254, blank=True, help_text="Whose usage, as the service sent it.")
     member = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="usage_entries"
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="usage_entries",
+        db_index=False,
     )
     service = models.CharField(max_length=100, blank=True)
     job_id = models.CharField(max_length=255, blank=True)
     event = models.ForeignKey(Event, null=True, blank=True, on_delete=models.PROTECT, related_name="entries")
-    checkout = models.ForeignKey(Checkout, null=True, blank=True, on_delete=models.PROTECT, related_name="entries")
+    checkout = models.ForeignKey(
+        Checkout, null=True, blank=True, on_delete=models.PROTECT, related_name="entries", db_index=False
+    )
     reverses = models.OneToOneField(
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="reversed_by",
         help_text="For refunds: the consume entry given back (at most once).",
@@ -147,6 +157,9 @@ class LedgerEntry(models.Model):
         indexes = [
             models.Index(fields=["team", "product", "occurred_at"], name="ledger_team_product_time"),
             models.Index(fields=["team", "job_id"], condition=~Q(job_id=""), name="ledger_team_job"),
+            models.Index(fields=["actor_user"], condition=Q(actor_user__isnull=False), name="ledger_actor_user_set"),
+            models.Index(fields=["member"], condition=Q(member__isnull=False), name="ledger_member_set"),
+            models.Index(fields=["checkout"], condition=Q(checkout__isnull=False), name="ledger_checkout_set"),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(kind__in=[c.value for c in Kind]), name="ledger_kind_valid"),
