@@ -46,37 +46,31 @@ def index_foreign_keys_where_set(*fields: tuple[str, str, str, str]) -> migratio
     key check always has one). Reversed: Django's index again, then the partial one goes."""
 
     def forwards(apps, schema_editor):
-        concurrently = _concurrently(schema_editor)
-        for app_label, model_name, field_name, name in fields:
-            table, column, django_name = _index_names(apps, schema_editor, app_label, model_name, field_name)
-            q = schema_editor.quote_name
-            _drop_invalid(schema_editor, name)
-            schema_editor.execute(f"CREATE INDEX {concurrently}IF NOT EXISTS {q(name)} ON {q(table)} ({q(column)}) "
-                                  f"WHERE {q(column)} IS NOT NULL")
-            schema_editor.execute(f"DROP INDEX {concurrently}IF EXISTS {q(django_name)}")
+        for spec in fields:
+            _swap_index(apps, schema_editor, *spec, where_set=True)
 
     def backwards(apps, schema_editor):
-        concurrently = _concurrently(schema_editor)
-        for app_label, model_name, field_name, name in fields:
-            table, column, django_name = _index_names(apps, schema_editor, app_label, model_name, field_name)
-            q = schema_editor.quote_name
-            _drop_invalid(schema_editor, django_name)
-            schema_editor.execute(f"CREATE INDEX {concurrently}IF NOT EXISTS {q(django_name)} ON {q(table)} ({q(column)})")
-            schema_editor.execute(f"DROP INDEX {concurrently}IF EXISTS {q(name)}")
+        for spec in fields:
+            _swap_index(apps, schema_editor, *spec, where_set=False)
 
     return migrations.RunPython(forwards, backwards)
 
 
-def _concurrently(schema_editor) -> str:
-    return "CONCURRENTLY " if schema_editor.connection.vendor == "postgresql" else ""
-
-
-def _index_names(apps, schema_editor, app_label: str, model_name: str, field_name: str) -> tuple[str, str, str]:
-    """(table, column, the name of the index Django makes for the field)."""
+def _swap_index(apps, schema_editor, app_label: str, model_name: str, field_name: str, name: str, *,
+                where_set: bool) -> None:
+    """Build the field's partial index ``name`` (``where_set``) or Django's whole one, then
+    drop the other."""
     model = apps.get_model(app_label, model_name)
     column = model._meta.get_field(field_name).column
     table = model._meta.db_table
-    return table, column, schema_editor._create_index_name(table, [column], suffix="")
+    django_name = schema_editor._create_index_name(table, [column], suffix="")
+    build, drop = (name, django_name) if where_set else (django_name, name)
+    q = schema_editor.quote_name
+    concurrently = "CONCURRENTLY " if schema_editor.connection.vendor == "postgresql" else ""
+    where = f" WHERE {q(column)} IS NOT NULL" if where_set else ""
+    _drop_invalid(schema_editor, build)
+    schema_editor.execute(f"CREATE INDEX {concurrently}IF NOT EXISTS {q(build)} ON {q(table)} ({q(column)}){where}")
+    schema_editor.execute(f"DROP INDEX {concurrently}IF EXISTS {q(drop)}")
 
 
 def _drop_invalid(schema_editor, name: str) -> None:
