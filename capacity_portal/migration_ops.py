@@ -68,19 +68,23 @@ def _swap_index(apps, schema_editor, app_label: str, model_name: str, field_name
     q = schema_editor.quote_name
     concurrently = "CONCURRENTLY " if schema_editor.connection.vendor == "postgresql" else ""
     where = f" WHERE {q(column)} IS NOT NULL" if where_set else ""
-    _drop_invalid(schema_editor, build)
+    # A CREATE INDEX CONCURRENTLY that failed (or was cancelled) leaves an invalid index
+    # behind, which IF NOT EXISTS would take for a built one: dropped first.
+    if _index_valid(schema_editor, build) is False:
+        schema_editor.execute(f"DROP INDEX {concurrently}IF EXISTS {q(build)}")
     schema_editor.execute(f"CREATE INDEX {concurrently}IF NOT EXISTS {q(build)} ON {q(table)} ({q(column)}){where}")
+    if concurrently and _index_valid(schema_editor, build) is not True:  # (the old one stays then)
+        raise RuntimeError(f"index {build} is not valid after its build; {drop} is kept")
     schema_editor.execute(f"DROP INDEX {concurrently}IF EXISTS {q(drop)}")
 
 
-def _drop_invalid(schema_editor, name: str) -> None:
-    """A ``CREATE INDEX CONCURRENTLY`` that failed (or was cancelled) leaves an invalid
-    index behind, which ``IF NOT EXISTS`` would take for a built one: dropped first."""
+def _index_valid(schema_editor, name: str) -> bool | None:
+    """Whether the index ``name`` (found as DROP INDEX finds it: on the search path) is
+    valid; None when there is none, or off PostgreSQL (no invalid indexes there)."""
     if schema_editor.connection.vendor != "postgresql":
-        return
+        return None
     with schema_editor.connection.cursor() as cursor:
-        cursor.execute("SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                       "WHERE c.relname = %s AND c.relnamespace = current_schema()::regnamespace", [name])
+        cursor.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                       [schema_editor.quote_name(name)])
         row = cursor.fetchone()
-    if row and row[0]:
-        schema_editor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {schema_editor.quote_name(name)}")
+    return row[0] if row else None

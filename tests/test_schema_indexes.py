@@ -104,3 +104,25 @@ def test_mostly_empty_foreign_keys_are_indexed_where_set():
                 assert name in plan, plan
         finally:
             cursor.execute("RESET enable_seqscan")
+
+
+@pytest.mark.django_db(transaction=True)  # (CREATE INDEX CONCURRENTLY runs outside a transaction)
+def test_an_index_left_invalid_by_an_interrupted_build_is_built_again():
+    """A cancelled ``CREATE INDEX CONCURRENTLY`` leaves an invalid index that ``IF NOT EXISTS``
+    would take for a built one: running the swap again drops and rebuilds it, and the index
+    it replaces is dropped only once the new one is valid."""
+    from django.apps import apps
+
+    from capacity_portal.migration_ops import _index_valid, _swap_index
+
+    def valid(name):
+        with connection.schema_editor(atomic=False) as editor:
+            return _index_valid(editor, name)
+
+    with connection.cursor() as cursor:  # (as the cancelled build leaves it; the test runs as a superuser)
+        cursor.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'ledger_member_set'::regclass")
+    assert valid("ledger_member_set") is False
+    with connection.schema_editor(atomic=False) as editor:
+        _swap_index(apps, editor, "usage", "ledgerentry", "member", "ledger_member_set", where_set=True)
+    assert valid("ledger_member_set") is True
+    assert valid("usage_ledgerentry_member_id_e69acf8a") is None  # Django's whole index: still gone

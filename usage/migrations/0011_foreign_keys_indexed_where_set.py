@@ -14,6 +14,14 @@ from django.db import migrations, models
 
 from capacity_portal.migration_ops import index_foreign_keys_where_set
 
+# (model, foreign key, the partial index's name)
+WHERE_SET = [
+    ("event", "actor_user", "event_actor_user_set"),
+    ("ledgerentry", "actor_user", "ledger_actor_user_set"),
+    ("ledgerentry", "member", "ledger_member_set"),
+    ("ledgerentry", "checkout", "ledger_checkout_set"),
+]
+
 
 def _user_fk(related_name):
     return models.ForeignKey(blank=True, db_index=False, null=True, on_delete=django.db.models.deletion.PROTECT,
@@ -41,32 +49,11 @@ class Migration(migrations.Migration):
                                             on_delete=django.db.models.deletion.PROTECT, related_name='entries',
                                             to='usage.checkout'),
                 ),
-                migrations.AddIndex(
-                    model_name='event',
-                    index=models.Index(condition=models.Q(('actor_user__isnull', False)), fields=['actor_user'],
-                                       name='event_actor_user_set'),
-                ),
-                migrations.AddIndex(
-                    model_name='ledgerentry',
-                    index=models.Index(condition=models.Q(('actor_user__isnull', False)), fields=['actor_user'],
-                                       name='ledger_actor_user_set'),
-                ),
-                migrations.AddIndex(
-                    model_name='ledgerentry',
-                    index=models.Index(condition=models.Q(('member__isnull', False)), fields=['member'],
-                                       name='ledger_member_set'),
-                ),
-                migrations.AddIndex(
-                    model_name='ledgerentry',
-                    index=models.Index(condition=models.Q(('checkout__isnull', False)), fields=['checkout'],
-                                       name='ledger_checkout_set'),
-                ),
+                *(migrations.AddIndex(model_name=model, index=models.Index(
+                    condition=models.Q((f'{field}__isnull', False)), fields=[field], name=name))
+                  for model, field, name in WHERE_SET),
             ],
             database_operations=[index_foreign_keys_where_set(
-                ("usage", "event", "actor_user", "event_actor_user_set"),
-                ("usage", "ledgerentry", "actor_user", "ledger_actor_user_set"),
-                ("usage", "ledgerentry", "member", "ledger_member_set"),
-                ("usage", "ledgerentry", "checkout", "ledger_checkout_set"),
-            )],
+                *(("usage", model, field, name) for model, field, name in WHERE_SET))],
         ),
     ]
