@@ -11,11 +11,27 @@ by a partial one of the rows where it is set. A delete's foreign key check (``co
 uses it all the same; the rows without a value write no index entry. On PostgreSQL both
 steps run ``CONCURRENTLY`` (writes go on while the index is built), so the migration
 holding it must be ``atomic = False``.
+
+``on_postgresql``: raw SQL run only on PostgreSQL (the functions, triggers and tables the
+fast paths use; SQLite has none of them and takes the Python paths).
 """
 
 from __future__ import annotations
 
 from django.db import migrations
+
+
+def on_postgresql(forward_sql: str, reverse_sql: str) -> migrations.RunPython:
+    """``RunPython`` executing ``forward_sql`` (reversed: ``reverse_sql``) on PostgreSQL only."""
+
+    def run(sql):
+        def operation(apps, schema_editor):
+            if schema_editor.connection.vendor == "postgresql":
+                schema_editor.execute(sql, params=None)
+
+        return operation
+
+    return migrations.RunPython(run(forward_sql), run(reverse_sql))
 
 
 def drop_covered_indexes(*fields: tuple[str, str, str]) -> migrations.RunPython:

@@ -187,7 +187,8 @@ def usage_consume_with_key(*, key_hash: str, key_stale: datetime, product_code: 
     the request against the key's rate limit (see ``fastpath.consume_with_key``).
 
     A product the key's team does not hold is ``NotFound``; a key that is unknown or
-    revoked raises ``fastpath.KeyRejected`` (nothing written). None when the
+    revoked raises ``fastpath.KeyRejected`` (nothing written but its rate count), one past
+    its rate limit ``fastpath.OverLimit``. None when the
     one-round-trip path does not apply (not PostgreSQL, or something is due on the
     balance): the caller then looks the key and the product up and calls
     :func:`usage_consume`.

@@ -7,6 +7,8 @@ allowed.
 
 from django.db import migrations
 
+from capacity_portal.migration_ops import on_postgresql
+
 PG_UP = """
 CREATE OR REPLACE FUNCTION usage_ledger_append_only() RETURNS trigger AS $$
 BEGIN
@@ -33,9 +35,4 @@ DROP FUNCTION IF EXISTS usage_ledger_append_only();
 
 class Migration(migrations.Migration):
     dependencies = [("usage", "0001_initial")]
-    operations = [
-        migrations.RunPython(
-            lambda apps, se: se.execute(PG_UP, params=None) if se.connection.vendor == "postgresql" else None,
-            lambda apps, se: se.execute(PG_DOWN, params=None) if se.connection.vendor == "postgresql" else None,
-        )
-    ]
+    operations = [on_postgresql(PG_UP, PG_DOWN)]

@@ -17,6 +17,8 @@ otherwise). Replaced, not edited, by later migrations (CREATE OR REPLACE).
 
 from django.db import migrations
 
+from capacity_portal.migration_ops import on_postgresql
+
 PG_UP = r"""
 CREATE OR REPLACE FUNCTION usage_consume_fast(
     p_team_id bigint, p_product_code text, p_quantity bigint,
@@ -162,16 +164,6 @@ $fn$;
 PG_DOWN = "DROP FUNCTION IF EXISTS usage_consume_fast(bigint, text, bigint, text, text, jsonb, bigint, bigint, text, text, text, text, text, timestamptz, date, timestamptz, timestamptz);"
 
 
-def create_function(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(PG_UP, params=None)
-
-
-def drop_function(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(PG_DOWN, params=None)
-
-
 class Migration(migrations.Migration):
     dependencies = [("usage", "0005_rollup_team_day_index")]
-    operations = [migrations.RunPython(create_function, drop_function)]
+    operations = [on_postgresql(PG_UP, PG_DOWN)]

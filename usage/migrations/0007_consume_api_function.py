@@ -27,6 +27,8 @@ Replaced, not edited, by later migrations (CREATE OR REPLACE).
 
 from django.db import migrations
 
+from capacity_portal.migration_ops import on_postgresql
+
 PG_UP = r"""
 CREATE OR REPLACE FUNCTION usage_consume_api(
     p_key_hash text, p_stale timestamptz,
@@ -67,16 +69,6 @@ PG_DOWN = ("DROP FUNCTION IF EXISTS usage_consume_api(text, timestamptz, text, b
            " text, text, timestamptz, timestamptz, timestamptz);")
 
 
-def create_function(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(PG_UP, params=None)
-
-
-def drop_function(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(PG_DOWN, params=None)
-
-
 class Migration(migrations.Migration):
     dependencies = [("usage", "0006_consume_function")]
-    operations = [migrations.RunPython(create_function, drop_function)]
+    operations = [on_postgresql(PG_UP, PG_DOWN)]

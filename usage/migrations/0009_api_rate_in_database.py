@@ -34,6 +34,8 @@ import importlib
 
 from django.db import migrations
 
+from capacity_portal.migration_ops import on_postgresql
+
 PG_UP = r"""
 CREATE UNLOGGED TABLE usage_apirate (
     key_hash text PRIMARY KEY,
@@ -118,18 +120,10 @@ DROP TABLE IF EXISTS usage_apirate;
 """
 
 
-def create(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(PG_UP, params=None)
-
-
-def drop(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(PG_DOWN, params=None)
-        previous = importlib.import_module("usage.migrations.0007_consume_api_function")
-        schema_editor.execute(previous.PG_UP, params=None)
+# Reversed: this migration's objects go, and 0007's function comes back.
+PG_RESTORE = PG_DOWN + importlib.import_module("usage.migrations.0007_consume_api_function").PG_UP
 
 
 class Migration(migrations.Migration):
     dependencies = [("usage", "0008_fk_indexes_covered")]
-    operations = [migrations.RunPython(create, drop)]
+    operations = [on_postgresql(PG_UP, PG_RESTORE)]

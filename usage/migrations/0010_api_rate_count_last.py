@@ -24,6 +24,8 @@ import importlib
 
 from django.db import migrations
 
+from capacity_portal.migration_ops import on_postgresql
+
 PG_UP = r"""
 CREATE OR REPLACE FUNCTION usage_consume_api(
     p_key_hash text, p_stale timestamptz,
@@ -87,19 +89,11 @@ $fn$;
 """
 
 
-def create(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(PG_UP, params=None)
-
-
-def restore(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        previous = importlib.import_module("usage.migrations.0009_api_rate_in_database")
-        up = previous.PG_UP
-        schema_editor.execute("CREATE OR REPLACE FUNCTION usage_consume_api(" + up.split(
-            "CREATE FUNCTION usage_consume_api(", 1)[1], params=None)
+# Reversed: 0009's function again.
+PG_RESTORE = "CREATE OR REPLACE FUNCTION usage_consume_api(" + importlib.import_module(
+    "usage.migrations.0009_api_rate_in_database").PG_UP.split("CREATE FUNCTION usage_consume_api(", 1)[1]
 
 
 class Migration(migrations.Migration):
     dependencies = [("usage", "0009_api_rate_in_database")]
-    operations = [migrations.RunPython(create, restore)]
+    operations = [on_postgresql(PG_UP, PG_RESTORE)]
