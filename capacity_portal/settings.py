@@ -69,7 +69,11 @@ def _prepared_statement_options() -> dict:
 
 
 def database_from_url(url: str) -> dict:
-    """Parse ``postgres://user:pass@host:port/name`` or ``sqlite:///path``."""
+    """Parse ``postgres://user:pass@host:port/name`` or ``sqlite:///path``.
+
+    The host may be a Unix socket's directory, percent-encoded
+    (``postgres://user@%2Frun%2Fpostgresql/name``) or given as ``?host=/run/postgresql``.
+    """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in {"postgres", "postgresql", "pgsql"}:
@@ -87,7 +91,7 @@ def database_from_url(url: str) -> dict:
             "NAME": name,
             "USER": unquote(parts.username or ""),
             "PASSWORD": unquote(parts.password or ""),
-            "HOST": parts.hostname or "",
+            "HOST": _url_host(parts),
             "PORT": str(port or ""),
             "CONN_MAX_AGE": env_int("DB_CONN_MAX_AGE", 60),
             "CONN_HEALTH_CHECKS": env_bool("DB_CONN_HEALTH_CHECKS", default=True),
@@ -107,6 +111,15 @@ def database_from_url(url: str) -> dict:
         }
     _fail(f"DATABASE_URL scheme {scheme!r} is not supported (use postgres:// or sqlite:///)")
     return {}
+
+
+def _url_host(parts) -> str:
+    """The URL's host as written: a socket directory percent-decoded (``urlsplit``'s
+    ``hostname`` lower-cases it and leaves it encoded), an IPv6 literal without brackets."""
+    host = parts.netloc.rpartition("@")[2]
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return unquote(host.partition(":")[0])
 
 
 DEBUG = env_bool("DJANGO_DEBUG", default=True)
