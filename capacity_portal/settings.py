@@ -114,11 +114,11 @@ def database_from_url(url: str) -> dict:
 
 
 def _url_host(parts) -> str:
-    """The URL's host as written: a socket directory percent-decoded (``urlsplit``'s
-    ``hostname`` lower-cases it and leaves it encoded), an IPv6 literal without brackets."""
+    """The URL's host as written, percent-decoded: a socket directory (``urlsplit``'s
+    ``hostname`` lower-cases it and leaves it encoded), an IPv6 literal without its brackets."""
     host = parts.netloc.rpartition("@")[2]
     if host.startswith("["):
-        return host[1:].partition("]")[0]
+        return unquote(host[1:].partition("]")[0])  # (a zone id's % is written %25)
     return unquote(host.partition(":")[0])
 
 
