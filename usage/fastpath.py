@@ -31,6 +31,7 @@ INSUFFICIENT = "22X02"  # the message is the available amount
 OVER_LIMIT = "22X03"  # counted last and over the key's rate limit: all rolled back (usage.0010)
 # Deployed before its migration ran: no function yet, the Python path still works.
 UNDEFINED_FUNCTION = "42883"
+UNDEFINED_TABLE = "42P01"  # (the same, for a table: usage_apirate before usage.0009)
 # A team time zone this server's time zone data does not know (zoneinfo validated it):
 # the Python path computes the day itself.
 UNKNOWN_TIME_ZONE = "22023"

@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from products.models import Grant, Lot, Refresh, TeamProduct
 
+from . import fastpath
 from .actors import Actor
 from .ledger import ensure_current_lots, expire_lots, lock_team_product
 from .models import (
@@ -347,7 +348,7 @@ def api_rates_prune(*, now: datetime | None = None) -> int:
             cursor.execute("DELETE FROM usage_apirate WHERE win < %s", [window - 1])
             deleted = cursor.rowcount
     except ProgrammingError as exc:
-        if getattr(exc.__cause__, "sqlstate", None) == "42P01":  # deployed before its migration ran
+        if getattr(exc.__cause__, "sqlstate", None) == fastpath.UNDEFINED_TABLE:  # deployed before its migration ran
             return 0
         raise
     if deleted:
