@@ -72,10 +72,6 @@ _ACCOUNTED_MIDDLEWARE = {
     "django.contrib.messages.middleware.MessageMiddleware": None,
     "django_htmx.middleware.HtmxMiddleware": None,
 }
-# What the response headers of SecurityMiddleware and XFrameOptionsMiddleware depend on.
-_HEADER_SETTINGS = ("SECURE_HSTS_SECONDS", "SECURE_HSTS_INCLUDE_SUBDOMAINS", "SECURE_HSTS_PRELOAD",
-                    "SECURE_CONTENT_TYPE_NOSNIFF", "SECURE_REFERRER_POLICY", "SECURE_CROSS_ORIGIN_OPENER_POLICY",
-                    "X_FRAME_OPTIONS")
 
 
 def bearer_token(header: str) -> str | None:
@@ -95,7 +91,22 @@ class ConsumeLane:
         self.app = app
         # The path inside the app (PATH_INFO), without any script prefix reverse() may add.
         self.path = "/" + reverse("api-v1:post_usage")[len(get_script_prefix()):]
+        self._headers: dict[bool, list] = {}
+        self._steps_aside: bool | None = None
+        signals.setting_changed.connect(self._settings_changed)  # (weakly: a lane that goes, goes)
+
+    def _settings_changed(self, **kwargs) -> None:
+        """What the lane derived from the settings is derived again (tests override them)."""
         self._headers = {}
+        self._steps_aside = None
+
+    def _stepping_aside(self) -> bool:
+        """Whether the settings make the lane hand every consume to Django: CommonMiddleware
+        may refuse or redirect it, or some middleware is not one the lane accounts for."""
+        if self._steps_aside is None:
+            self._steps_aside = bool(settings.DISALLOWED_USER_AGENTS or settings.PREPEND_WWW
+                                     or self._header_middleware() is None)
+        return self._steps_aside
 
     @staticmethod
     def _header_middleware() -> list | None:
@@ -107,9 +118,9 @@ class ConsumeLane:
 
     def _middleware_headers(self, secure: bool) -> list[tuple[str, str]]:
         """The headers the middleware add to an API response (a secure request's or not), found
-        by running them on an empty response; they depend on nothing else but their settings."""
-        key = (secure, tuple(settings.MIDDLEWARE), *(repr(getattr(settings, name)) for name in _HEADER_SETTINGS))
-        headers = self._headers.get(key)
+        by running them on an empty response; they depend on nothing else but their settings
+        (found again when a setting changes)."""
+        headers = self._headers.get(secure)
         if headers is None:
             request = WSGIRequest({"REQUEST_METHOD": "POST", "PATH_INFO": self.path, "wsgi.input": io.BytesIO(),
                                    "wsgi.url_scheme": "https" if secure else "http"})
@@ -118,7 +129,7 @@ class ConsumeLane:
             no_response = lambda request: None  # noqa: E731 - only their process_response runs
             for middleware in reversed(self._header_middleware() or []):  # (responses go outwards)
                 middleware(no_response).process_response(request, response)
-            headers = self._headers[key] = [(k, v) for k, v in response.items() if k not in plain]
+            headers = self._headers[secure] = [(k, v) for k, v in response.items() if k not in plain]
         return headers
 
     def __call__(self, environ, start_response):
@@ -150,8 +161,8 @@ class ConsumeLane:
         token = bearer_token(environ.get("HTTP_AUTHORIZATION", ""))
         if not token or len(token) > api.MAX_TOKEN_LENGTH:
             return None
-        if settings.DISALLOWED_USER_AGENTS or settings.PREPEND_WWW or self._header_middleware() is None:
-            return None  # CommonMiddleware may refuse or redirect it; or middleware the lane does not know
+        if self._stepping_aside():
+            return None
         try:
             length = int(environ.get("CONTENT_LENGTH") or "")
         except ValueError:
@@ -169,7 +180,8 @@ class ConsumeLane:
             request.get_host()
         except DisallowedHost:
             return None
-        if settings.SECURE_SSL_REDIRECT and not request.is_secure():
+        secure = request.is_secure()
+        if settings.SECURE_SSL_REDIRECT and not secure:
             return None
         try:
             data = api.UsageIn.model_validate(json.loads(body))
@@ -196,7 +208,7 @@ class ConsumeLane:
             return None
         content = api.render(outcome.body)
         headers = [("Content-Type", api.CONTENT_TYPE), ("Content-Length", str(len(content))),
-                   *self._middleware_headers(request.is_secure())]
+                   *self._middleware_headers(secure)]
         if outcome.replayed:
             headers.append(("Idempotent-Replayed", "true"))
         status = HTTPStatus(outcome.status_code)
