@@ -20,6 +20,7 @@ from datetime import datetime
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 
+from capacity_portal.postgresql.first_row import UNSUITABLE, first_row
 from products.periods import local_date
 from teams.models import Team
 
@@ -118,12 +119,16 @@ def consume_with_key(*, key_hash: str, stale: datetime, product_code: str, quant
 
 def statement_row(sql: str, params: list) -> tuple:
     """The first row of one statement: in autocommit its own transaction (no BEGIN or
-    COMMIT round trips), inside a transaction in a savepoint (an error leaves the caller's
-    transaction usable)."""
+    COMMIT round trips), sent through libpq directly when it can be
+    (``capacity_portal.postgresql.first_row``); inside a transaction in a savepoint (an
+    error leaves the caller's transaction usable)."""
     if connection.in_atomic_block or not connection.get_autocommit():
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.fetchone()
+    row = first_row(connection, sql, params)  # (libpq directly: no cursor's Python around it)
+    if row is not UNSUITABLE:
+        return row
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.fetchone()

@@ -1,0 +1,146 @@
+"""One statement's first row straight through libpq, for the consume's hot path.
+
+``usage.fastpath.statement_row`` runs the one-statement consume (``usage_consume_api``) on
+every API consume. Through Django's cursor that is a cursor wrapper, a psycopg cursor, the
+query's conversion and each parameter's adaptation, about 40 us of a worker's CPU per consume
+under the bench's load (``make bench``): the Python that psycopg and Django spend around
+the round trip, not the round trip. Here the same statement goes through the connection's
+libpq handle (``pgconn``) directly: its parameters as text, the statement prepared once per
+connection (as psycopg prepares it after ``prepare_threshold`` runs), the row loaded by the
+connection's own loaders (so the values are of the types Django's cursor gives: ``jsonb``
+as text, ``numeric`` as Decimal, ``timestamptz`` in the connection's time zone).
+
+What it keeps of Django's cursor: the request's connection health check, the connection
+opened on demand, the errors as Django's (``DatabaseError`` and its kinds, the psycopg error
+as ``__cause__`` with its ``sqlstate`` and ``diag``, ``errors_occurred`` set so the
+connection is looked at when the request ends).
+
+It steps aside (returns :data:`UNSUITABLE`, and the caller uses Django's cursor) when its
+shortcut would change what is seen: queries being logged (``DEBUG``, a test capturing
+them), execute wrappers installed, or a parameter of a kind it does not write the way psycopg
+would (anything but None, str, int, bool, an aware datetime and a date; a str holding a NUL,
+which psycopg refuses), or a connection whose time zone differs from its loaders' (Django's
+cursor then loads timestamps in the connection's). The caller decides when a statement may run on its own (autocommit,
+outside a transaction).
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import date, datetime
+
+from psycopg import adapters, errors, generators, pq, waiting
+
+UNSUITABLE = object()
+_TIMESTAMPTZ = adapters.types["timestamptz"].oid
+
+# psycopg's wait interval (psycopg.connection._WAIT_INTERVAL): a blocking wait, woken to
+# check for signals.
+_WAIT_INTERVAL = 0.1
+# A prepared statement the server no longer has (DISCARD ALL), or whose result type changed
+# under it (a migration replaced the function): the statement did not run; prepare it again.
+_PREPARE_AGAIN = {"26000", "0A000"}
+_names = (f"capacity_portal_row_{n}".encode() for n in itertools.count(1))
+_texts: dict[str, bytes] = {}
+
+
+class _Prepared:
+    """What one psycopg connection holds: its prepared statements' names, its loaders."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.names: dict[bytes, bytes] = {}
+        self.loaders: dict[int, object] = {}
+
+    def loader(self, oid: int):
+        loader = self.loaders.get(oid)
+        if loader is None:
+            cls = self.conn.adapters.get_loader(oid, pq.Format.TEXT)
+            loader = self.loaders[oid] = cls(oid, self.conn)
+        return loader
+
+
+def _param(value) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("NUL")
+        return value.encode()
+    if isinstance(value, bool):
+        return b"true" if value else b"false"
+    if isinstance(value, int):
+        return str(value).encode()
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("naive datetime")
+        return value.isoformat().encode()
+    if isinstance(value, date):
+        return value.isoformat().encode()
+    raise ValueError(type(value).__name__)
+
+
+def _text(sql: str) -> bytes:
+    """``sql`` with its ``%s`` placeholders numbered ($1, $2, ...), as bytes."""
+    text = _texts.get(sql)
+    if text is None:
+        parts = sql.split("%s")
+        if any("%" in part for part in parts):  # a literal % (%%) or a named placeholder: not ours
+            raise ValueError("placeholders")
+        numbered = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
+        text = _texts[sql] = numbered.encode()
+    return text
+
+
+def _result(pgconn) -> pq.abc.PGresult:
+    return waiting.wait(generators.execute(pgconn), pgconn.socket, interval=_WAIT_INTERVAL)[-1]
+
+
+def first_row(connection, sql: str, params: list) -> tuple | None | object:
+    """The first row of ``sql`` (``%s`` placeholders) with ``params`` on Django's PostgreSQL
+    ``connection``, None when it returns no row, or :data:`UNSUITABLE` (nothing was sent)."""
+    if connection.vendor != "postgresql" or connection.queries_logged or connection.execute_wrappers:
+        return UNSUITABLE
+    try:
+        values = [_param(value) for value in params]
+        text = _text(sql)
+    except ValueError:
+        return UNSUITABLE
+    connection.close_if_health_check_failed()
+    connection.ensure_connection()
+    conn = connection.connection
+    if conn.adapters.get_loader(_TIMESTAMPTZ, pq.Format.TEXT).timezone != connection.timezone:
+        return UNSUITABLE  # Django's cursor would load timestamps in another zone than the connection's
+    with connection.wrap_database_errors:
+        pgconn = conn.pgconn
+        prepared = getattr(connection, "_first_row_prepared", None)
+        if prepared is None or prepared.conn is not conn:
+            prepared = connection._first_row_prepared = _Prepared(conn)
+        use_prepared = connection.settings_dict["OPTIONS"].get("prepare_threshold") is not None
+        for attempt in (1, 2):
+            if not use_prepared:
+                pgconn.send_query_params(text, values)
+            else:
+                name = prepared.names.get(text)
+                if name is None:
+                    name = next(_names)
+                    pgconn.send_prepare(name, text)
+                    result = _result(pgconn)
+                    if result.status != pq.ExecStatus.COMMAND_OK:
+                        raise errors.error_from_result(result, encoding=conn.info.encoding)
+                    prepared.names[text] = name
+                pgconn.send_query_prepared(name, values)
+            result = _result(pgconn)
+            if result.status == pq.ExecStatus.TUPLES_OK:
+                if result.ntuples == 0:
+                    return None
+                return tuple(None if (value := result.get_value(0, i)) is None
+                             else prepared.loader(result.ftype(i)).load(value) for i in range(result.nfields))
+            if result.status != pq.ExecStatus.FATAL_ERROR:
+                raise errors.ProgrammingError(f"the statement gave no rows ({pq.ExecStatus(result.status).name})")
+            error = errors.error_from_result(result, encoding=conn.info.encoding)
+            if use_prepared and attempt == 1 and error.sqlstate in _PREPARE_AGAIN:
+                prepared.names.pop(text, None)  # (a fresh name next: the old one may still be taken)
+                continue
+            raise error
+    raise AssertionError("unreachable")
