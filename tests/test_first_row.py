@@ -4,14 +4,17 @@ right, and Django's cursor wherever the shortcut would change what is seen."""
 
 from __future__ import annotations
 
+import _thread
+import threading
 import time
 import zoneinfo
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from django.db import DatabaseError, DataError, connection
+from django.db import DatabaseError, DataError, OperationalError, ProgrammingError, connection
 from django.test.utils import CaptureQueriesContext
+from psycopg import pq
 
 from capacity_portal.postgresql.first_row import UNSUITABLE, first_row
 from usage.fastpath import statement_row
@@ -31,6 +34,14 @@ def pg(require_postgres):
     connection.ensure_connection()
     yield connection
     connection.close()  # (prepared statements and overrides go with it)
+
+
+@pytest.fixture
+def prepared_pg(pg, monkeypatch):
+    """Prepared statements on, whatever DB_PREPARED_STATEMENTS says."""
+    monkeypatch.setitem(pg.settings_dict, "OPTIONS", {**pg.settings_dict["OPTIONS"], "prepare_threshold": 5})
+    pg.close()
+    return pg
 
 
 def cursor_row(sql, params):
@@ -69,6 +80,7 @@ def test_a_statement_s_error_is_django_s_with_the_psycopg_error_as_its_cause(pg)
     assert caught.value.__cause__.diag.message_primary == "division by zero"
     with pytest.raises(DataError):  # the same kind as through Django's cursor
         cursor_row(sql, [1])
+    assert not pg.errors_occurred  # (Django: a data error leaves the connection usable)
     assert first_row(pg, sql, [0]) == (1,)  # and the connection goes on (autocommit: nothing left open)
 
 
@@ -114,7 +126,8 @@ def test_a_literal_percent_is_left_to_django(pg):
     assert statement_row("SELECT '100%%', %s::int", [1]) == ("100%", 1)
 
 
-def test_prepared_once_per_connection_and_again_on_a_new_one(pg):
+def test_prepared_once_per_connection_and_again_on_a_new_one(prepared_pg):
+    pg = prepared_pg
     for n in range(3):
         assert first_row(pg, "SELECT %s::int + 40", [n]) == (40 + n,)
     assert len(prepared_names()) == 1
@@ -123,13 +136,15 @@ def test_prepared_once_per_connection_and_again_on_a_new_one(pg):
     assert len(prepared_names()) == 1
 
 
-def test_prepared_statements_dropped_by_the_server_are_prepared_again(pg):
+def test_prepared_statements_dropped_by_the_server_are_prepared_again(prepared_pg):
+    pg = prepared_pg
     assert first_row(pg, "SELECT %s::int + 1", [1]) == (2,)
     pg.connection.execute("DEALLOCATE ALL")  # (what a pooler's DISCARD ALL does)
     assert first_row(pg, "SELECT %s::int + 1", [2]) == (3,)
 
 
-def test_a_function_replaced_under_its_prepared_statement_is_prepared_again(pg):
+def test_a_function_replaced_under_its_prepared_statement_is_prepared_again(prepared_pg):
+    pg = prepared_pg
     with connection.cursor() as cursor:
         cursor.execute("CREATE FUNCTION pg_temp.shape(n int) RETURNS int LANGUAGE sql AS 'SELECT n'")
     assert first_row(pg, "SELECT * FROM pg_temp.shape(%s)", [5]) == (5,)
@@ -166,3 +181,51 @@ def test_a_connection_in_another_time_zone_than_its_loaders_is_left_to_django(pg
         assert first_row(pg, "SELECT %s::int", [1]) is UNSUITABLE
     finally:
         del pg.__dict__["timezone"]
+
+
+def test_an_error_that_may_break_the_connection_marks_it_for_a_look(pg):
+    with pytest.raises(ProgrammingError):
+        first_row(pg, "SELECT no_such_function(%s::int)", [1])
+    assert pg.errors_occurred  # (looked at when the request ends, as after Django's cursor)
+
+
+def test_a_function_raising_feature_not_supported_runs_once(prepared_pg):
+    pg = prepared_pg
+    with connection.cursor() as cursor:  # (a sequence counts the calls: nextval is not rolled back)
+        cursor.execute("CREATE TEMP SEQUENCE calls")
+        cursor.execute("CREATE FUNCTION pg_temp.unsupported(n int) RETURNS int LANGUAGE plpgsql AS "
+                       "$$ BEGIN PERFORM nextval('calls'); RAISE EXCEPTION 'no' USING ERRCODE = '0A000'; END $$")
+    with pytest.raises(DatabaseError) as caught:
+        first_row(pg, "SELECT pg_temp.unsupported(%s)", [1])
+    assert caught.value.__cause__.sqlstate == "0A000"
+    assert cursor_row("SELECT last_value FROM calls", []) == (1,)  # not run again as a stale plan would be
+    assert len(prepared_names()) == 1
+
+
+def test_an_interrupt_during_the_wait_cancels_the_statement_and_leaves_the_connection_usable(pg):
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE first_row_interrupt (n int)")
+    try:
+        timer = threading.Timer(0.3, _thread.interrupt_main)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            first_row(pg, "WITH i AS (INSERT INTO first_row_interrupt VALUES (%s::int) RETURNING n) "
+                          "SELECT i.n FROM i, pg_sleep(3)", [1])
+        timer.join()
+        assert pg.connection.pgconn.transaction_status == pq.TransactionStatus.IDLE
+        assert first_row(pg, "SELECT count(*) FROM first_row_interrupt WHERE n = %s::int", [1]) == (0,)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TABLE first_row_interrupt")
+
+
+def test_a_backend_terminated_mid_statement_is_an_operational_error_and_the_connection_goes(pg):
+    pid = _backend_pid()
+    killer = threading.Timer(0.3, _terminate, [pid])
+    killer.start()
+    with pytest.raises(OperationalError):
+        first_row(pg, "SELECT pg_sleep(3), %s::int", [1])
+    killer.join()
+    assert pg.errors_occurred
+    pg.close_if_unusable_or_obsolete()  # (what the request's end does)
+    assert pg.connection is None

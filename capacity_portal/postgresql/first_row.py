@@ -15,13 +15,17 @@ opened on demand, the errors as Django's (``DatabaseError`` and its kinds, the p
 as ``__cause__`` with its ``sqlstate`` and ``diag``, ``errors_occurred`` set so the
 connection is looked at when the request ends).
 
+The parameters go untyped (as psycopg's text strings do), so the statement must fix each
+placeholder's type, by a cast or a function's argument: the consume's statements call a
+function of one signature. (``SELECT %s`` with an int would come back as text here.)
+
 It steps aside (returns :data:`UNSUITABLE`, and the caller uses Django's cursor) when its
 shortcut would change what is seen: queries being logged (``DEBUG``, a test capturing
 them), execute wrappers installed, or a parameter of a kind it does not write the way psycopg
 would (anything but None, str, int, bool, an aware datetime and a date; a str holding a NUL,
 which psycopg refuses), or a connection whose time zone differs from its loaders' (Django's
-cursor then loads timestamps in the connection's). The caller decides when a statement may run on its own (autocommit,
-outside a transaction).
+cursor then loads timestamps in the connection's). The caller decides when a statement may
+run on its own (autocommit, outside a transaction).
 """
 
 from __future__ import annotations
@@ -29,34 +33,30 @@ from __future__ import annotations
 import itertools
 from datetime import date, datetime
 
-from psycopg import adapters, errors, generators, pq, waiting
+from psycopg import adapters, errors, generators, pq
 
 UNSUITABLE = object()
 _TIMESTAMPTZ = adapters.types["timestamptz"].oid
 
-# psycopg's wait interval (psycopg.connection._WAIT_INTERVAL): a blocking wait, woken to
-# check for signals.
-_WAIT_INTERVAL = 0.1
-# A prepared statement the server no longer has (DISCARD ALL), or whose result type changed
-# under it (a migration replaced the function): the statement did not run; prepare it again.
-_PREPARE_AGAIN = {"26000", "0A000"}
-_names = (f"capacity_portal_row_{n}".encode() for n in itertools.count(1))
 _texts: dict[str, bytes] = {}
 
 
 class _Prepared:
     """What one psycopg connection holds: its prepared statements' names, its loaders."""
 
-    def __init__(self, conn):
-        self.conn = conn
+    def __init__(self):  # (kept on the psycopg connection itself: it goes with it)
         self.names: dict[bytes, bytes] = {}
         self.loaders: dict[int, object] = {}
+        self._numbers = itertools.count(1)  # (per connection: no state shared between threads)
 
-    def loader(self, oid: int):
+    def new_name(self) -> bytes:
+        return f"capacity_portal_row_{next(self._numbers)}".encode()
+
+    def loader(self, conn, oid: int):
         loader = self.loaders.get(oid)
         if loader is None:
-            cls = self.conn.adapters.get_loader(oid, pq.Format.TEXT)
-            loader = self.loaders[oid] = cls(oid, self.conn)
+            cls = conn.adapters.get_loader(oid, pq.Format.TEXT) or conn.adapters.get_loader(0, pq.Format.TEXT)
+            loader = self.loaders[oid] = cls(oid, conn)
         return loader
 
 
@@ -92,8 +92,10 @@ def _text(sql: str) -> bytes:
     return text
 
 
-def _result(pgconn) -> pq.abc.PGresult:
-    return waiting.wait(generators.execute(pgconn), pgconn.socket, interval=_WAIT_INTERVAL)[-1]
+def _result(conn) -> pq.abc.PGresult:
+    # Connection.wait: on KeyboardInterrupt/SystemExit it cancels the query and drains the
+    # result, as psycopg's cursor does, instead of leaving the connection ACTIVE.
+    return conn.wait(generators.execute(conn.pgconn))[-1]
 
 
 def first_row(connection, sql: str, params: list) -> tuple | None | object:
@@ -111,11 +113,11 @@ def first_row(connection, sql: str, params: list) -> tuple | None | object:
     conn = connection.connection
     if conn.adapters.get_loader(_TIMESTAMPTZ, pq.Format.TEXT).timezone != connection.timezone:
         return UNSUITABLE  # Django's cursor would load timestamps in another zone than the connection's
-    with connection.wrap_database_errors:
+    with connection.wrap_database_errors, conn.lock:  # (the lock psycopg's cursor takes)
         pgconn = conn.pgconn
-        prepared = getattr(connection, "_first_row_prepared", None)
-        if prepared is None or prepared.conn is not conn:
-            prepared = connection._first_row_prepared = _Prepared(conn)
+        prepared = getattr(conn, "_capacity_portal_first_row", None)
+        if prepared is None:
+            prepared = conn._capacity_portal_first_row = _Prepared()
         use_prepared = connection.settings_dict["OPTIONS"].get("prepare_threshold") is not None
         for attempt in (1, 2):
             if not use_prepared:
@@ -123,24 +125,31 @@ def first_row(connection, sql: str, params: list) -> tuple | None | object:
             else:
                 name = prepared.names.get(text)
                 if name is None:
-                    name = next(_names)
+                    name = prepared.new_name()
                     pgconn.send_prepare(name, text)
-                    result = _result(pgconn)
+                    result = _result(conn)
                     if result.status != pq.ExecStatus.COMMAND_OK:
                         raise errors.error_from_result(result, encoding=conn.info.encoding)
                     prepared.names[text] = name
                 pgconn.send_query_prepared(name, values)
-            result = _result(pgconn)
+            result = _result(conn)
             if result.status == pq.ExecStatus.TUPLES_OK:
                 if result.ntuples == 0:
                     return None
                 return tuple(None if (value := result.get_value(0, i)) is None
-                             else prepared.loader(result.ftype(i)).load(value) for i in range(result.nfields))
+                             else prepared.loader(conn, result.ftype(i)).load(value) for i in range(result.nfields))
             if result.status != pq.ExecStatus.FATAL_ERROR:
                 raise errors.ProgrammingError(f"the statement gave no rows ({pq.ExecStatus(result.status).name})")
             error = errors.error_from_result(result, encoding=conn.info.encoding)
-            if use_prepared and attempt == 1 and error.sqlstate in _PREPARE_AGAIN:
-                prepared.names.pop(text, None)  # (a fresh name next: the old one may still be taken)
+            # A prepared statement the server no longer has (DISCARD ALL), or whose result type
+            # changed under it (a migration replaced the function): it did not run; prepare again.
+            if use_prepared and attempt == 1 and (
+                    error.sqlstate == "26000"
+                    or (error.sqlstate == "0A000" and error.diag.source_function == "RevalidateCachedQuery")):
+                del prepared.names[text]
+                if error.sqlstate == "0A000":  # the stale statement still exists: drop it
+                    pgconn.send_query(b"DEALLOCATE " + name)
+                    _result(conn)
                 continue
             raise error
     raise AssertionError("unreachable")
