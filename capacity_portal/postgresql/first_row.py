@@ -100,7 +100,10 @@ def _result(conn) -> pq.abc.PGresult:
 
 def first_row(connection, sql: str, params: list) -> tuple | None | object:
     """The first row of ``sql`` (``%s`` placeholders) with ``params`` on Django's PostgreSQL
-    ``connection``, None when it returns no row, or :data:`UNSUITABLE` (nothing was sent)."""
+    ``connection``, None when it returns no row, or :data:`UNSUITABLE` (nothing was sent).
+
+    For fixed SQL: each text is kept (numbered, and prepared on each connection) for the
+    process's life, as psycopg keeps its prepared queries."""
     if connection.vendor != "postgresql" or connection.queries_logged or connection.execute_wrappers:
         return UNSUITABLE
     try:
