@@ -103,7 +103,7 @@ def first_row(connection, sql: str, params: list) -> tuple | None | object:
     ``connection``, None when it returns no row, or :data:`UNSUITABLE` (nothing was sent).
 
     For fixed SQL: each text is kept (numbered, and prepared on each connection) for the
-    process's life, as psycopg keeps its prepared queries."""
+    process's life (psycopg, which takes any SQL, keeps at most 100)."""
     if connection.vendor != "postgresql" or connection.queries_logged or connection.execute_wrappers:
         return UNSUITABLE
     try:
