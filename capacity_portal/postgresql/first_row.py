@@ -3,12 +3,13 @@
 ``usage.fastpath.statement_row`` runs the one-statement consume (``usage_consume_api``) on
 every API consume. Through Django's cursor that is a cursor wrapper, a psycopg cursor, the
 query's conversion and each parameter's adaptation: the Python that psycopg and Django
-spend around the round trip, not the round trip (with the lane's own trims, consume +5% to
-+12% in paired runs of ``make bench``'s loads; ``bench/NOTES.md``, session 19). Here the same statement goes through the connection's
-libpq handle (``pgconn``) directly: its parameters as text, the statement prepared once per
-connection (as psycopg prepares it after ``prepare_threshold`` runs), the row loaded by the
-connection's own loaders (so the values are of the types Django's cursor gives: ``jsonb``
-as text, ``numeric`` as Decimal, ``timestamptz`` in the connection's time zone).
+spend around the round trip, not the round trip. Here the same statement goes through the
+connection's libpq handle (``pgconn``) directly: its parameters as text, the statement
+prepared once per connection (as psycopg prepares it after ``prepare_threshold`` runs), the
+row loaded by the connection's own loaders (so the values are of the types Django's cursor
+gives: ``jsonb`` as text, ``numeric`` as Decimal, ``timestamptz`` in the connection's time
+zone). With the lane's own trims: consume +5% to +12% in paired runs of ``make bench``'s
+loads (``bench/NOTES.md``, session 19).
 
 What it keeps of Django's cursor: the request's connection health check, the connection
 opened on demand, the errors as Django's (``DatabaseError`` and its kinds, the psycopg error
