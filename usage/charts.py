@@ -98,11 +98,12 @@ def series_table(product: Product, buckets: list[Bucket], granularity: str, *, p
     pick = itemgetter(*[_SERIES_VALUES.index(c) for c in columns])
     rows = table.rows
     running = 0
+    daily = granularity == "day"  # (a year of days: the bucket's lead inline)
     for b in buckets:
         net = b.consumed - b.refunded
         running += net
         values = (b.raw_usage, b.consumed, b.refunded, net, running, b.available if b.available is not None else 0)
-        rows.append([*lead(b), *pick(values)])
+        rows.append([b.start.isoformat(), *pick(values)] if daily else [*lead(b), *pick(values)])
     return table
 
 
@@ -246,33 +247,34 @@ def series_figure(product: Product, table: Table, granularity: str) -> Figure:
         _layout(fig, title=f"Checked out and returned per {granularity}", ytitle=unit.capitalize(), xtitle=xtitle)
         fig.update_layout(barmode="group")
     else:
-        fig.add_bar(x=x, y=table.column("consumed"), name=f"Consumed ({unit})", marker_color=CONSUMED,
+        consumed = table.column("consumed")
+        fig.add_bar(x=x, y=consumed, name=f"Consumed ({unit})", marker_color=CONSUMED,
                     hovertemplate=f"%{{y:,}} {unit} consumed<extra></extra>")
         refunds = table.column("refunded")
         fig.add_bar(x=x, y=[-r for r in refunds], customdata=refunds, name=f"Refunded ({unit})",
                     marker_color=REFUNDED, marker_pattern_shape="/",
                     hovertemplate=f"%{{customdata:,}} {unit} refunded<extra></extra>")
         y2 = None
+        right = table.column("raw_usage" if product.metered else table.columns[-1])  # (the right axis' line)
         if product.metered:
             y2 = f"Raw usage ({raw_unit(product)})"
-            fig.add_scatter(x=x, y=table.column("raw_usage"), name=y2, yaxis="y2", mode="lines+markers",
+            fig.add_scatter(x=x, y=right, name=y2, yaxis="y2", mode="lines+markers",
                             line={"color": RAW, "width": 2}, marker={"size": 5},
                             hovertemplate=f"%{{y:,}} {raw_unit(product)}<extra></extra>")
         elif "available" in table.columns:
             y2 = f"Balance available ({unit})"
-            fig.add_scatter(x=x, y=table.column("available"), name=y2, yaxis="y2", mode="lines",
+            fig.add_scatter(x=x, y=right, name=y2, yaxis="y2", mode="lines",
                             line={"color": CUMULATIVE, "width": 2, "shape": "hv"},
                             hovertemplate=f"%{{y:,}} {unit} available at the end<extra></extra>")
         else:
             y2 = f"Cumulative net used ({unit})"
-            fig.add_scatter(x=x, y=table.column("cumulative_net"), name=y2, yaxis="y2", mode="lines",
+            fig.add_scatter(x=x, y=right, name=y2, yaxis="y2", mode="lines",
                             line={"color": CUMULATIVE, "width": 2, "shape": "hv"},
                             hovertemplate=f"%{{y:,}} {unit} used so far<extra></extra>")
         charged = "Charged units" if product.metered else "Units"
         _layout(fig, title=f"{charged} consumed per {granularity}", ytitle=f"{charged} ({unit})",
                 xtitle=xtitle, y2title=y2)
-        _align_zeros(fig, top=max(table.column("consumed"), default=0), bottom=max(refunds, default=0),
-                     top2=max(table.column("raw_usage" if product.metered else table.columns[-1]), default=0))
+        _align_zeros(fig, top=max(consumed, default=0), bottom=max(refunds, default=0), top2=max(right, default=0))
     fig.update_xaxes(hoverformat=when)
     if granularity == "month":
         fig.update_xaxes(dtick="M1", tickformat="%b %Y")

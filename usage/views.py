@@ -149,13 +149,13 @@ def rows_html(table: charts.Table) -> str:
     all_ints = '<tr><th scope="row">{}</th>' + "<td>{:,d}</td>" * (width - 1) + "</tr>"
     # A series' first column is its bucket (an ISO date, week or month we wrote: nothing
     # to escape); a breakdown's is a service or user name, escaped.
-    head = str if table.columns[0] in charts.BUCKET_LABEL else (lambda v: esc(str(v)))
+    bucket_first = table.columns[0] in charts.BUCKET_LABEL
     out = []
     for row in table.rows:
         try:
             if len(row) != width:
                 raise ValueError
-            out.append(all_ints.format(head(row[0]), *row[1:]))
+            out.append(all_ints.format(*row) if bucket_first else all_ints.format(esc(str(row[0])), *row[1:]))
         except (ValueError, TypeError):  # TypeError: None
             out.append(generic(row))
     return mark_safe("\n".join(out))  # noqa: S308 (every value is escaped or a formatted int)
